@@ -1,0 +1,295 @@
+"""The transformers backend: any causal LM (GPT-J, Llama, Gemma, ...) as a base model, no chat template.
+
+One decode loop serves single and batched generation. Why not ``model.generate``: we need the prefix KV cache shared
+across calls, per-row stop strings with a held-back partial match, a repetition penalty over generated tokens only, and
+a forward lock per step so that concurrent chats interleave token by token instead of waiting for each other.
+
+Shapes: ``ids`` [B, L] token ids; ``mask`` [B, past + L] (1 = real token); logits [B, V].
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Iterator, Sequence
+
+import torch
+
+from .base import LMError, Sampling, StopScanner
+from .prefix_cache import CachedPrefix, PrefixCache, fork_cache
+
+log = logging.getLogger(__name__)
+
+# Rows scored together in one forward pass are capped by this many (row x token) logits, to bound memory with large
+# vocabularies (gemma: 262k entries, about 1 MB of fp32 logits per position).
+_SCORE_LOGITS_BUDGET = 256
+
+
+class TransformersLM:
+    """A transformers causal LM behind the `LM` interface.
+
+    Args:
+        model: a loaded ``AutoModelForCausalLM``.
+        tokenizer: its tokenizer.
+        name: a display name (the model id or path).
+        prefix_cache_entries: size of the prefix KV cache LRU (0 disables reuse).
+    Example:
+        >>> lm = TransformersLM.from_pretrained("EleutherAI/gpt-j-6b", device="cuda")
+        >>> "".join(lm.generate("User: hi\\nAssistant:", stop=["\\n"]))
+    """
+
+    def __init__(self, model, tokenizer, name: str = "model", prefix_cache_entries: int = 32):
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.name = name
+        self.prefix_cache = PrefixCache(prefix_cache_entries)
+        self._forward_lock = threading.Lock()
+        cfg = model.config
+        self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        eos = getattr(model.generation_config, "eos_token_id", None) or cfg.eos_token_id or tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
+        self._sliding = bool(getattr(cfg, "sliding_window", None)) and "sliding_attention" in (
+            getattr(cfg, "layer_types", None) or ["sliding_attention"]
+        )
+
+    # ----------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str, device: str = "auto", dtype: str = "auto", prefix_cache_entries: int = 32, **kw
+    ) -> "TransformersLM":
+        """Load a model id or local folder; ``device="auto"`` spreads it over GPUs with accelerate when there are any."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        cuda = torch.cuda.is_available() and device != "cpu"
+        torch_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
+                       "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        device_map = ("auto" if device == "auto" else device) if cuda else "cpu"
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, device_map=device_map, **kw)
+        return cls(model, tokenizer, name=str(name_or_path), prefix_cache_entries=prefix_cache_entries)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    # ------------------------------------------------------------------------------------------ tokenising
+    def count_tokens(self, text: str) -> int:
+        return len(self.tok(text, add_special_tokens=False).input_ids)
+
+    def encode(self, prompt: str, prefix: str | None = None) -> tuple[list[int], int]:
+        """Token ids of ``prompt`` and the length of its prefix part (0 when there is none)."""
+        if prefix and prompt.startswith(prefix):
+            head = self.tok(prefix, add_special_tokens=True).input_ids
+            tail = self.tok(prompt[len(prefix):], add_special_tokens=False).input_ids
+            return head + tail, len(head)
+        return self.tok(prompt, add_special_tokens=True).input_ids, 0
+
+    # ---------------------------------------------------------------------------------------- forward pass
+    def _forward(self, ids: torch.Tensor, cache, mask=None, positions=None, keep: int = 1):
+        with self._forward_lock, torch.inference_mode():
+            out = self.model(
+                input_ids=ids.to(self.device),
+                cache=cache,
+                attention_mask=None if mask is None else mask.to(self.device),
+                position_ids=None if positions is None else positions.to(self.device),
+                use_cache=True,
+                logits_to_keep=keep,
+            )
+        return out.cache, out.logits
+
+    def _prefix(self, ids: tuple[int, ...]) -> CachedPrefix:
+        entry = self.prefix_cache.get(ids)
+        if entry is None:
+            cache, logits = self._forward(torch.tensor([ids]), None)
+            entry = CachedPrefix(ids, cache, logits[0, -1])
+            self.prefix_cache.put(entry)
+        return entry
+
+    def _prefill(self, ids: list[int], prefix_len: int):
+        """KV cache after ``ids`` (batch 1) and the last position's logits [V], reusing a cached prefix."""
+        if prefix_len and self.prefix_cache.capacity > 0:
+            entry = self._prefix(tuple(ids[:prefix_len]))
+            if prefix_len == len(ids):
+                return entry.fork(), entry.last_logits
+            cache, logits = self._forward(torch.tensor([ids[prefix_len:]]), entry.fork())
+            return cache, logits[0, -1]
+        cache, logits = self._forward(torch.tensor([ids]), None)
+        return cache, logits[0, -1]
+
+    # ----------------------------------------------------------------------------------------- generation
+    def generate(
+        self,
+        prompt: str,
+        stop: Sequence[str] = (),
+        max_new_tokens: int = 64,
+        sampling: Sampling = Sampling(),
+        prefix: str | None = None,
+    ) -> Iterator[str]:
+        """Stream the continuation of ``prompt`` as text pieces, cut at the first stop string."""
+        for _, piece in self.generate_batch([prompt], stop, max_new_tokens, sampling, prefix):
+            yield piece
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str],
+        stop: Sequence[str] = (),
+        max_new_tokens: int = 64,
+        sampling: Sampling = Sampling(),
+        prefix: str | None = None,
+    ) -> Iterator[tuple[int, str]]:
+        """Stream ``(row, piece)`` for several prompts decoded together; each row stops on its own.
+
+        Rows share the KV cache of ``prefix`` when every prompt starts with it; the rest of each prompt is left-padded.
+        """
+        if not prompts:
+            return
+        try:
+            if len(prompts) > 1 and self._sliding and not self._pad_free(prompts, prefix):
+                # Sliding-window layers (Gemma) count cache slots, not positions: pads between a shared prefix and a
+                # row would push real tokens out of the window. Such rows are decoded one after another instead.
+                for row, prompt in enumerate(prompts):
+                    for _, piece in self._decode([prompt], list(stop), max_new_tokens, sampling, prefix):
+                        yield row, piece
+                return
+            yield from self._decode(list(prompts), list(stop), max_new_tokens, sampling, prefix)
+        except LMError:
+            raise
+        except Exception as exc:  # a model failure mid-stream becomes a domain error the edges can report
+            log.exception("generation failed")
+            raise LMError(f"the model failed while generating: {exc}") from exc
+
+    def _decode(self, prompts, stops, max_new_tokens, sampling, prefix) -> Iterator[tuple[int, str]]:
+        shared = prefix if prefix and all(p.startswith(prefix) for p in prompts) else None
+        encoded = [self.encode(p, shared) for p in prompts]
+        B = len(prompts)
+        if B == 1:
+            cache, logits = self._prefill(*encoded[0])
+            logits, mask, next_pos = logits[None], None, torch.tensor([len(encoded[0][0])])
+        else:
+            cache, logits, mask, next_pos = self._prefill_batch(encoded)
+        anchors = [ids[-1] for ids, _ in encoded]  # decoded with the reply so a leading space survives
+        generated: list[list[int]] = [[] for _ in range(B)]
+        scanners = [StopScanner(stops) for _ in range(B)]
+        rng = None
+        if sampling.seed is not None:
+            rng = torch.Generator().manual_seed(sampling.seed)
+        for step in range(max_new_tokens):
+            next_ids = _choose(logits.float().cpu(), generated, sampling, rng)
+            for row in range(B):
+                if scanners[row].done:
+                    continue
+                tok_id = int(next_ids[row])
+                if tok_id in self.eos_ids:
+                    piece = scanners[row].finish(self._text(anchors[row], generated[row]))
+                else:
+                    generated[row].append(tok_id)
+                    text = self._text(anchors[row], generated[row])
+                    piece = scanners[row].feed(text)
+                    if not scanners[row].done and step == max_new_tokens - 1:
+                        piece += scanners[row].finish(text)
+                if piece:
+                    yield row, piece
+            if all(s.done for s in scanners) or step == max_new_tokens - 1:
+                break
+            feed = torch.tensor([[int(t)] for t in next_ids])
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
+            cache, out = self._forward(feed, cache, mask=mask, positions=next_pos[:, None])
+            next_pos = next_pos + 1
+            logits = out[:, -1]
+        for row in range(B):  # rows that ran out of tokens without a stop
+            if not scanners[row].done:
+                piece = scanners[row].finish(self._text(anchors[row], generated[row]))
+                if piece:
+                    yield row, piece
+
+    def _pad_free(self, prompts: Sequence[str], prefix: str | None) -> bool:
+        """True when a padded batch needs no pads after the prefix (all remainders have one length)."""
+        shared = prefix if prefix and all(p.startswith(prefix) for p in prompts) else None
+        if not shared:
+            return True  # left pads before everything keep every row's window intact
+        return len({len(self.encode(p, shared)[0]) for p in prompts}) == 1
+
+    def _prefill_batch(self, encoded: list[tuple[list[int], int]]):
+        """Shared cached prefix + left-padded remainders: [prefix][pad..][rest] with the pads masked out."""
+        prefix_len = encoded[0][1]
+        if prefix_len and all(p == prefix_len for _, p in encoded) and self.prefix_cache.capacity > 0:
+            entry = self._prefix(tuple(encoded[0][0][:prefix_len]))
+            cache = entry.fork(batch=len(encoded))
+            rests = [ids[prefix_len:] for ids, _ in encoded]
+        else:
+            prefix_len, cache = 0, None
+            rests = [ids for ids, _ in encoded]
+        if not all(rests):
+            raise LMError("in a batch, every prompt must extend the shared prefix")
+        width = max(len(r) for r in rests)
+        rows = [[self.pad_id] * (width - len(r)) + r for r in rests]
+        rest_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rests])
+        mask = torch.cat([torch.ones(len(rows), prefix_len, dtype=torch.long), rest_mask], dim=1)
+        positions = (prefix_len + rest_mask.cumsum(1) - 1).clamp(min=0)
+        cache, logits = self._forward(torch.tensor(rows), cache, mask=mask, positions=positions)
+        return cache, logits[:, -1], mask, positions[:, -1] + 1
+
+    def _text(self, anchor: int, generated: list[int]) -> str:
+        if not generated:
+            return ""
+        head = self.tok.decode([anchor], skip_special_tokens=True)
+        full = self.tok.decode([anchor] + generated, skip_special_tokens=True)
+        return full[len(head):] if full.startswith(head) else self.tok.decode(generated, skip_special_tokens=True)
+
+    # --------------------------------------------------------------------------------------------- scoring
+    def score(self, context: str, continuations: Sequence[str], prefix: str | None = None) -> list[float]:
+        """Sum of log-probabilities of each continuation's tokens after ``context``.
+
+        The context is encoded once (its prefix from the cache); the continuations run together as right-padded rows
+        over that shared cache. Right padding needs no mask: a real token only attends to tokens before it.
+        """
+        ids, prefix_len = self.encode(context, prefix)
+        cache, last_logits = self._prefill(ids, prefix_len)
+        conts = [self.tok(c, add_special_tokens=False).input_ids for c in continuations]
+        first = torch.log_softmax(last_logits.float(), dim=-1).cpu()
+        scores = [0.0] * len(conts)
+        order = [i for i in range(len(conts)) if conts[i]]
+        start = 0
+        while start < len(order):
+            width = max(len(conts[i]) for i in order[start:])
+            step = max(1, _SCORE_LOGITS_BUDGET // width)
+            chunk = order[start : start + step]
+            start += step
+            for i in chunk:
+                scores[i] = float(first[conts[i][0]])
+            width = max(len(conts[i]) for i in chunk)
+            if width == 1:
+                continue
+            rows = torch.tensor([conts[i][:-1] + [self.pad_id] * (width - len(conts[i])) for i in chunk])
+            _, logits = self._forward(rows, fork_cache(cache, len(chunk)), keep=0)
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # [b, width-1, V]
+            for r, i in enumerate(chunk):
+                targets = torch.tensor(conts[i][1:])
+                scores[i] += float(logp[r, torch.arange(len(targets)), targets].sum())
+        return scores
+
+
+def _choose(logits: torch.Tensor, generated: list[list[int]], s: Sampling, rng) -> torch.Tensor:
+    """Next token per row from logits [B, V]: repetition penalty on generated tokens, then greedy or sampled."""
+    if s.repetition_penalty != 1.0:
+        logits = logits.clone()
+        for row, toks in enumerate(generated):
+            if toks:
+                idx = torch.tensor(sorted(set(toks)))
+                vals = logits[row, idx]
+                logits[row, idx] = torch.where(vals > 0, vals / s.repetition_penalty, vals * s.repetition_penalty)
+    if s.temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / s.temperature
+    if s.top_k > 0:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) > s.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)[:, 0]
+

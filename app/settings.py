@@ -1,0 +1,83 @@
+"""One `Settings` object, resolved once and passed down.
+
+Precedence, highest first: an explicit keyword (a CLI flag), an ``FSB_*`` environment variable, the default below.
+Paths to ``skills/``, ``prompts/`` and the data directory come from here and nowhere else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_MODEL = "embedded:gemma-3-270m"
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "fsb"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime configuration. Every field maps to ``FSB_<FIELD>`` in upper case."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = EMBEDDED_MODEL
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    data_dir: Path = field(default_factory=_default_data_dir)
+    skills_dir: Path = REPO_ROOT / "skills"
+    prompts_dir: Path = REPO_ROOT / "prompts"
+    default_skill: str = "persona"
+    max_message_chars: int = 8000
+    max_messages: int = 200
+    max_request_bytes: int = 1_000_000
+    context_tokens: int = 2048  # prompt budget: examples + knowledge + history + reply
+    history_turns: int = 8
+    prefix_cache_entries: int = 32
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    api_key: str = ""
+    log_level: str = "info"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "fsb.db"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @classmethod
+    def load(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
+        """Build settings from ``env`` (default ``os.environ``) and keyword overrides (None means "not given")."""
+        env = os.environ if env is None else env
+        values: dict = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"FSB_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _coerce(f, raw)
+        for name, value in overrides.items():
+            if value is not None:
+                values[name] = value
+        for name in ("data_dir", "skills_dir", "prompts_dir"):
+            if name in values:
+                values[name] = Path(values[name]).expanduser()
+        return cls(**values)
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(f: dataclasses.Field, raw: str):
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"FSB_{f.name.upper()} must be a whole number, got {raw!r}") from None
+    if kind == "Path":
+        return Path(raw)
+    return raw
