@@ -1,0 +1,44 @@
+"""LM backends behind one interface (`LM`: generate / generate_batch / score). Heavy imports happen on first use."""
+from __future__ import annotations
+
+import logging
+import time
+
+from .base import LM, LMError, Sampling, StopScanner, complete
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LM", "LMError", "Sampling", "StopScanner", "complete", "load_lm"]
+
+
+def load_lm(settings, progress=None) -> LM:
+    """The LM named by ``settings.model``.
+
+    ``embedded:gemma-3-270m`` (the default) converts the packaged GGUF once into ``<data_dir>/models`` and loads that;
+    ``tiny`` builds a random 4-layer model in code (tests, demos); anything else is a Hugging Face model id or a local
+    folder, loaded with transformers (``device_map`` through accelerate on GPUs).
+    """
+    import torch
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    started = time.perf_counter()
+    name = settings.model
+    if name == "tiny":
+        from .tiny import build_tiny_lm, corpus_from
+
+        lm = build_tiny_lm(corpus_from([settings.skills_dir, settings.prompts_dir]),
+                           prefix_cache_entries=settings.prefix_cache_entries)
+    else:
+        from .hf import TransformersLM
+
+        path = name
+        if name.startswith("embedded:"):
+            from .embedded import ensure_checkpoint
+
+            path = str(ensure_checkpoint(settings.models_dir, progress=progress))
+        lm = TransformersLM.from_pretrained(path, device=settings.device, dtype=settings.dtype,
+                                            prefix_cache_entries=settings.prefix_cache_entries)
+        lm.name = name
+    log.info("model %s loaded in %.1f s", name, time.perf_counter() - started)
+    return lm
