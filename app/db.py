@@ -7,6 +7,7 @@ passed in by the caller (an in-memory one in tests), never opened deep inside a 
 from __future__ import annotations
 
 import datetime as _dt
+import sqlite3
 from pathlib import Path
 from typing import Callable
 
@@ -16,10 +17,11 @@ import sqlite_utils
 def open_db(path: Path | str | None) -> sqlite_utils.Database:
     """Open (creating if needed) the database at ``path``; ``None`` or ``":memory:"`` gives an in-memory one."""
     if path is None or str(path) == ":memory:":
-        db = sqlite_utils.Database(memory=True)
+        db = sqlite_utils.Database(sqlite3.connect(":memory:", check_same_thread=False))
     else:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite_utils.Database(path)
+        # One connection shared by the server's worker threads; callers serialise writes with their own lock.
+        db = sqlite_utils.Database(sqlite3.connect(str(path), check_same_thread=False))
         db.enable_wal()
     db.execute("PRAGMA busy_timeout = 5000")
     db.execute("PRAGMA foreign_keys = ON")

@@ -44,6 +44,7 @@ class LM(Protocol):
         max_new_tokens: int = 64,
         sampling: Sampling = Sampling(),
         prefix: str | None = None,
+        stats: dict | None = None,
     ) -> Iterator[str]: ...
 
     def generate_batch(
@@ -53,6 +54,7 @@ class LM(Protocol):
         max_new_tokens: int = 64,
         sampling: Sampling = Sampling(),
         prefix: str | None = None,
+        stats: list[dict] | None = None,
     ) -> Iterator[tuple[int, str]]: ...
 
     def score(self, context: str, continuations: Sequence[str], prefix: str | None = None) -> list[float]: ...

@@ -124,9 +124,14 @@ class TransformersLM:
         max_new_tokens: int = 64,
         sampling: Sampling = Sampling(),
         prefix: str | None = None,
+        stats: dict | None = None,
     ) -> Iterator[str]:
-        """Stream the continuation of ``prompt`` as text pieces, cut at the first stop string."""
-        for _, piece in self.generate_batch([prompt], stop, max_new_tokens, sampling, prefix):
+        """Stream the continuation of ``prompt`` as text pieces, cut at the first stop string.
+
+        ``stats``, when given, is filled with ``tokens`` (generated) and ``finish`` ("stop", "eos" or "length").
+        """
+        for _, piece in self.generate_batch([prompt], stop, max_new_tokens, sampling, prefix,
+                                            stats=None if stats is None else [stats]):
             yield piece
 
     def generate_batch(
@@ -136,6 +141,7 @@ class TransformersLM:
         max_new_tokens: int = 64,
         sampling: Sampling = Sampling(),
         prefix: str | None = None,
+        stats: list[dict] | None = None,
     ) -> Iterator[tuple[int, str]]:
         """Stream ``(row, piece)`` for several prompts decoded together; each row stops on its own.
 
@@ -148,17 +154,18 @@ class TransformersLM:
                 # Sliding-window layers (Gemma) count cache slots, not positions: pads between a shared prefix and a
                 # row would push real tokens out of the window. Such rows are decoded one after another instead.
                 for row, prompt in enumerate(prompts):
-                    for _, piece in self._decode([prompt], list(stop), max_new_tokens, sampling, prefix):
+                    row_stats = None if stats is None else [stats[row]]
+                    for _, piece in self._decode([prompt], list(stop), max_new_tokens, sampling, prefix, row_stats):
                         yield row, piece
                 return
-            yield from self._decode(list(prompts), list(stop), max_new_tokens, sampling, prefix)
+            yield from self._decode(list(prompts), list(stop), max_new_tokens, sampling, prefix, stats)
         except LMError:
             raise
         except Exception as exc:  # a model failure mid-stream becomes a domain error the edges can report
             log.exception("generation failed")
             raise LMError(f"the model failed while generating: {exc}") from exc
 
-    def _decode(self, prompts, stops, max_new_tokens, sampling, prefix) -> Iterator[tuple[int, str]]:
+    def _decode(self, prompts, stops, max_new_tokens, sampling, prefix, stats=None) -> Iterator[tuple[int, str]]:
         shared = prefix if prefix and all(p.startswith(prefix) for p in prompts) else None
         encoded = [self.encode(p, shared) for p in prompts]
         B = len(prompts)
@@ -170,6 +177,7 @@ class TransformersLM:
         anchors = [ids[-1] for ids, _ in encoded]  # decoded with the reply so a leading space survives
         generated: list[list[int]] = [[] for _ in range(B)]
         scanners = [StopScanner(stops) for _ in range(B)]
+        finish = ["length"] * B
         rng = None
         if sampling.seed is not None:
             rng = torch.Generator().manual_seed(sampling.seed)
@@ -181,10 +189,13 @@ class TransformersLM:
                 tok_id = int(next_ids[row])
                 if tok_id in self.eos_ids:
                     piece = scanners[row].finish(self._text(anchors[row], generated[row]))
+                    finish[row] = "eos"
                 else:
                     generated[row].append(tok_id)
                     text = self._text(anchors[row], generated[row])
                     piece = scanners[row].feed(text)
+                    if scanners[row].done:
+                        finish[row] = "stop"
                     if not scanners[row].done and step == max_new_tokens - 1:
                         piece += scanners[row].finish(text)
                 if piece:
@@ -202,6 +213,8 @@ class TransformersLM:
                 piece = scanners[row].finish(self._text(anchors[row], generated[row]))
                 if piece:
                     yield row, piece
+        for row, slot in enumerate(stats or []):
+            slot.update(tokens=len(generated[row]), finish=finish[row])
 
     def _pad_free(self, prompts: Sequence[str], prefix: str | None) -> bool:
         """True when a padded batch needs no pads after the prefix (all remainders have one length)."""

@@ -1,0 +1,245 @@
+"""The HTTP API: OpenAI-compatible chat completions, model list, health, and the native chat endpoint.
+
+Errors leave here as OpenAI-style objects ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status; a
+failure in the middle of a stream ends that stream with an error event (``data: {"error": ...}``) then ``[DONE]``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any, Iterator, Literal, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .bot import BadRequest, Bot, TurnStream
+from .storage import SessionNotFound
+
+log = logging.getLogger(__name__)
+MODEL_AUTO = "fsb"
+
+
+# ------------------------------------------------------------------------------------------------ schemas
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: Union[StrictStr, list[TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(BaseModel):
+    """The OpenAI request; unknown OpenAI options are accepted and ignored. ``session_id`` (extension) stores the
+    exchange in that session."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    messages: list[ChatMessage]
+    stream: StrictBool = False
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    user: StrictStr | None = None
+    session_id: StrictStr | None = None
+
+
+class NativeChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message: StrictStr = Field(min_length=1)
+    session_id: StrictStr | None = None
+    skill: StrictStr | None = None
+    user: StrictStr = ""
+
+
+# ------------------------------------------------------------------------------------------------- errors
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {err.get('msg')}", None
+    param = ".".join(loc) or None
+    return (f"{param}: {err.get('msg')}" if param else err.get("msg", "invalid request")), param
+
+
+class BodyLimit:
+    """Pure ASGI middleware: refuse request bodies over ``limit`` bytes with 413, before anything parses them."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send):
+        body = json.dumps({"error": {"message": f"request body over {self.limit} bytes", "type":
+                                     "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------- app
+def create_app(bot: Bot, settings) -> FastAPI:
+    """The FastAPI app with every API route; the web chat is mounted on it by `app.server`."""
+    app = FastAPI(title="Few-Shot Bot", version="0.1.0",
+                  description="A conversational agent whose every skill is learned from a few examples in a prompt.")
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.state.bot = bot
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return error_response(400, message, param=param, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), type_="invalid_request_error", code="not_found"
+                              if exc.status_code == 404 else None)
+
+    @app.exception_handler(BadRequest)
+    async def _bad(request: Request, exc: BadRequest):
+        status = 404 if exc.code == "model_not_found" else 400
+        return error_response(status, str(exc), param=exc.param, code=exc.code)
+
+    @app.exception_handler(SessionNotFound)
+    async def _no_session(request: Request, exc: SessionNotFound):
+        return error_response(404, exc.args[0], param="session_id", code="session_not_found")
+
+    @app.get("/healthz", tags=["service"])
+    def healthz() -> dict:
+        return {"status": "ok", "model": bot.lm.name, "skills": len(bot.skills.all())}
+
+    @app.get("/v1/models", tags=["openai"])
+    def models() -> dict:
+        created = int(time.time())
+        names = [MODEL_AUTO] + [f"{MODEL_AUTO}:{s.name}" for s in bot.skills.all() if s.kind == "response"]
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "fsb"}
+                                           for n in names]}
+
+    @app.post("/v1/chat/completions", tags=["openai"])
+    def chat_completions(req: ChatCompletionRequest):
+        skill = _skill_from_model(req.model, bot)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        sampling = {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}
+        limit = req.max_completion_tokens or req.max_tokens
+        if req.session_id:
+            bot.store.session(req.session_id)
+            stream = bot.chat(req.session_id, messages[-1]["content"] if messages else "", skill=skill,
+                              sampling=sampling, max_tokens=limit)
+        else:
+            stream = bot.turn(messages, skill=skill, sampling=sampling, max_tokens=limit)
+        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        if req.stream:
+            return StreamingResponse(_sse(stream, cid, req.model), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        text = stream.text()
+        reply = stream.reply
+        return {
+            "id": cid, "object": "chat.completion", "created": int(time.time()), "model": req.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": reply.finish_reason}],
+            "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                      "total_tokens": reply.prompt_tokens + reply.completion_tokens},
+            "fsb": {"skill": reply.skill, "sources": reply.passages},
+        }
+
+    @app.post("/api/chat", tags=["native"])
+    def native_chat(req: NativeChatRequest) -> dict:
+        """One turn in a stored session (created when ``session_id`` is absent): reply, skill, sources and trace."""
+        if req.skill is not None:
+            bot.skill_for(req.skill)
+        sid = req.session_id or bot.store.create_session(user=req.user)
+        stream = bot.chat(sid, req.message, skill=req.skill)
+        text = stream.text()
+        reply = stream.reply
+        return {"session_id": sid, "reply": text, "skill": reply.skill, "sources": reply.passages,
+                "trace": reply.trace}
+
+    @app.get("/api/sessions", tags=["native"])
+    def list_sessions(user: str | None = None) -> list[dict]:
+        return bot.store.sessions(user=user)
+
+    @app.get("/api/sessions/{session_id}", tags=["native"])
+    def get_session(session_id: str) -> dict:
+        return {**bot.store.session(session_id), "messages": bot.store.messages(session_id)}
+
+    @app.get("/api/skills", tags=["native"])
+    def skills() -> list[dict[str, Any]]:
+        return [{"name": s.name, "kind": s.kind, "retriever": s.retriever, "description": s.description}
+                for s in bot.skills.all()]
+
+    return app
+
+
+def _skill_from_model(model: str, bot: Bot) -> str | None:
+    if model == MODEL_AUTO:
+        return None
+    if model.startswith(MODEL_AUTO + ":"):
+        name = model.split(":", 1)[1]
+        bot.skill_for(name)  # raises UnknownSkill -> 404
+        return name
+    raise BadRequest(f"unknown model {model!r}; use 'fsb' (automatic skill) or 'fsb:<skill>' (see /v1/models)",
+                     "model", "model_not_found")
+
+
+def _sse(stream: TurnStream, cid: str, model: str) -> Iterator[str]:
+    created = int(time.time())
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        for piece in stream:
+            yield chunk({"content": piece})
+        yield chunk({}, stream.reply.finish_reason)
+    except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band, keep the server serving
+        log.exception("stream %s failed", cid)
+        err = {"error": {"message": f"the reply failed midway: {exc}", "type": "server_error", "param": None,
+                         "code": "generation_failed"}}
+        yield f"data: {json.dumps(err)}\n\n"
+    yield "data: [DONE]\n\n"

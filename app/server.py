@@ -1,0 +1,48 @@
+"""Building the service from settings: model, skills, storage, the bot, the HTTP API and the web chat on one app."""
+from __future__ import annotations
+
+import logging
+import sys
+
+from .settings import Settings
+
+log = logging.getLogger("fsb")
+
+
+def build_bot(settings: Settings, lm=None):
+    """The `Bot` with its model (loaded unless given), skill registry and store."""
+    from .bot import Bot
+    from .db import open_db
+    from .lm import load_lm
+    from .skills import SkillRegistry
+    from .storage import Store
+
+    skills = SkillRegistry(settings.skills_dir)
+    for err in skills.errors:
+        print(f"[fsb] skill file problem: {err}", file=sys.stderr)
+    store = Store(open_db(settings.db_path))
+    lm = lm or load_lm(settings)
+    return Bot(settings, lm, skills, store)
+
+
+def build_app(settings: Settings, lm=None, bot=None):
+    """The FastAPI app: API routes first, then the Gradio chat mounted at ``/``."""
+    import gradio as gr
+
+    from .api import create_app
+    from .ui import build_ui
+
+    bot = bot or build_bot(settings, lm)
+    app = create_app(bot, settings)
+    return gr.mount_gradio_app(app, build_ui(bot), path="/")
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(f"[fsb] loading model {settings.model} …", file=sys.stderr, flush=True)
+    app = build_app(settings)
+    print(f"[fsb] serving on http://{settings.host}:{settings.port}/  (API: /v1/chat/completions, docs: /docs)",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
