@@ -238,8 +238,8 @@ def _pieces(text: str, max_words: int) -> list[str]:
     return out
 
 
-def _overlap_tail(text: str, overlap: int) -> str:
-    """The last whole sentences of ``text`` within ``overlap`` words, else its last ``overlap`` words."""
+def _overlap_tail(text: str, overlap: int, partial: bool = True) -> str:
+    """The last whole sentences of ``text`` within ``overlap`` words, else (if ``partial``) its last ``overlap`` words."""
     if overlap <= 0:
         return ""
     sentences = _SENTENCE_END.split(text)
@@ -251,7 +251,7 @@ def _overlap_tail(text: str, overlap: int) -> str:
             break
         tail.insert(0, sentence)
         n += k
-    if tail:
+    if tail or not partial:
         return " ".join(tail)
     return " ".join(text.split()[-overlap:])
 
@@ -286,9 +286,12 @@ def chunk_blocks(blocks: Iterable[Block], target: int = 160, max_words: int = 20
         key = block_key
         for piece in _pieces(block.text, max_words):
             n = len(piece.split())
-            if fresh and cur_words + n > max_words:
-                yield emit()
-                tail = _overlap_tail(cur[-1], min(overlap, max_words - n))
+            if cur_words + n > max_words:
+                if fresh:
+                    yield emit()
+                    tail = _overlap_tail(cur[-1], min(overlap, max_words - n))
+                else:  # only overlap so far: shrink it so the passage stays within max_words
+                    tail = _overlap_tail(" ".join(cur), max_words - n, partial=False)
                 cur = [tail] if tail else []
                 cur_words, fresh = len(tail.split()), 0
             cur.append(piece)
