@@ -62,7 +62,6 @@ def triple_text(subject: str, relation: str, obj: str) -> str:
     return f"{subject} {relation.replace('_', ' ')} {obj}"
 
 
-_BRACKETS = re.compile(r"[\[(<{]([^\[\]<>{}]*?)[\])>}]")
 
 
 def parse_paths(text: str) -> list[tuple[str, ...]]:
@@ -90,7 +89,7 @@ def parse_paths(text: str) -> list[tuple[str, ...]]:
         for line in text.splitlines():
             found = [m.group(1) for m in re.finditer(r"\[([^\[\]]*)\]", line)]
             if not found and line.strip():
-                found = [line.strip().strip("[]()")]
+                found = [line.strip().strip("[]")]
             for group in found:
                 for sep in ("\t", "|", ";", ","):
                     if sep in group:
