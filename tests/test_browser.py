@@ -1,0 +1,57 @@
+"""The web chat in a real headless Chromium (Debian's), driven by Playwright: type, see a streamed reply."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+pytestmark = pytest.mark.browser
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture
+def page(live_server):
+    if CHROMIUM is None:
+        pytest.fail("Debian's chromium is not installed: `make test` installs it (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page()
+        page.goto(live_server.url + "/", wait_until="load")
+        page.locator("#fsb-input textarea").wait_for(timeout=60_000)
+        yield page
+        browser.close()
+
+
+def test_typing_a_message_shows_a_streamed_reply_and_stores_the_session(page, live_server):
+    box = page.locator("#fsb-input textarea")
+    box.fill("hello, who are you?")
+    box.press("Enter")
+    chat = page.locator("#fsb-chat")
+    chat.get_by_text("hello, who are you?").wait_for(timeout=30_000)
+    page.locator("#fsb-info").get_by_text("skill:").wait_for(timeout=60_000)
+    bot_messages = chat.locator(".bot, [data-testid='bot']")
+    assert bot_messages.count() >= 1
+    reply = bot_messages.last.inner_text().strip()
+    assert reply
+    stored = live_server.bot.store.sessions()
+    assert len(stored) == 1
+    messages = live_server.bot.store.messages(stored[0]["id"])
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[1]["content"].strip()[:10] in reply
+    page.screenshot(path=str(live_server.bot.settings.data_dir / "chat.png"))
+
+
+def test_an_error_shows_as_a_message_not_a_blank_page(page, live_server, monkeypatch):
+    def broken(*a, **kw):
+        raise RuntimeError("database is locked (simulated)")
+
+    monkeypatch.setattr(live_server.bot, "chat", broken)
+    box = page.locator("#fsb-input textarea")
+    box.fill("are you there?")
+    box.press("Enter")
+    page.locator("#fsb-chat").get_by_text("simulated").wait_for(timeout=30_000)
+    assert page.locator("#fsb-input textarea").is_visible()

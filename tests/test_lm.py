@@ -1,0 +1,175 @@
+"""The LM backend contract: stops, streaming hold-back, batches, scoring and the prefix KV cache."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.lm import LMError, Sampling, StopScanner
+from app.lm.prefix_cache import PrefixCache
+
+PREFIX = "".join(f"Persona Information:\nI like {x}.\nDialogue:\nUser: hi\nAssistant: hello, I like {x}.\n\n"
+                 for x in ("cats", "boats", "bread", "space"))
+PROMPT = PREFIX + "Persona Information:\nI like tea.\nDialogue:\nUser: what do you like?\nAssistant:"
+
+
+# ------------------------------------------------------------------------------------------- stop scanner
+def stream_through(stops, pieces):
+    """Feed growing text piece by piece; return what was shown at each step and in total."""
+    scanner, text, shown = StopScanner(stops), "", []
+    for piece in pieces:
+        text += piece
+        shown.append(scanner.feed(text))
+        if scanner.done:
+            break
+    else:
+        shown.append(scanner.finish(text))
+    return shown, "".join(shown)
+
+
+def test_stop_cuts_at_first_occurrence_and_nothing_after_leaks():
+    shown, total = stream_through(["\nUser:"], ["Hello", " there.", "\nUs", "er: next", " question"])
+    assert total == "Hello there."
+    assert shown == ["Hello", " there.", "", ""]
+
+
+def test_partial_stop_is_held_back_then_released_when_it_is_not_a_stop():
+    shown, total = stream_through(["\nUser:"], ["a\nUs", "ually fine"])
+    assert shown[0] == "a"  # "\nUs" could start a stop: held back
+    assert total == "a\nUsually fine"
+
+
+def test_earliest_of_several_stops_wins_and_no_characters_are_stripped():
+    _, total = stream_through(["###", "\n"], ["  spaced  ", "###x\nmore"])
+    assert total == "  spaced  "
+
+
+def test_held_back_tail_is_real_text_when_the_model_ends():
+    shown, total = stream_through(["</answer>"], ["done </ans"])
+    assert shown == ["done ", "</ans"]
+    assert total == "done </ans"
+
+
+# ------------------------------------------------------------------------------------------------ tiny LM
+def gen(lm, prompt, **kw):
+    kw.setdefault("max_new_tokens", 24)
+    return "".join(lm.generate(prompt, **kw))
+
+
+def test_greedy_output_with_prefix_cache_equals_output_without(tiny_lm):
+    tiny_lm.prefix_cache.clear()
+    with_cache = [gen(tiny_lm, PROMPT, prefix=PREFIX) for _ in range(2)]  # miss, then hit
+    assert tiny_lm.prefix_cache.hits >= 1
+    capacity = tiny_lm.prefix_cache.capacity
+    tiny_lm.prefix_cache.capacity = 0
+    try:
+        without = gen(tiny_lm, PROMPT, prefix=PREFIX)
+    finally:
+        tiny_lm.prefix_cache.capacity = capacity
+    assert with_cache[0] == with_cache[1] == without
+    assert without  # the tiny model does produce text
+
+
+def test_prefix_is_encoded_once_and_reused(tiny_lm, monkeypatch):
+    tiny_lm.prefix_cache.clear()
+    seen = []
+    real = tiny_lm._forward
+
+    def counting(ids, *a, **kw):
+        seen.append(ids.shape[1])
+        return real(ids, *a, **kw)
+
+    monkeypatch.setattr(tiny_lm, "_forward", counting)
+    gen(tiny_lm, PROMPT, prefix=PREFIX, max_new_tokens=1)
+    first = list(seen)
+    seen.clear()
+    gen(tiny_lm, PROMPT, prefix=PREFIX, max_new_tokens=1)
+    _, prefix_len = tiny_lm.encode(PROMPT, PREFIX)
+    assert prefix_len in first  # the prefix was encoded on the first call...
+    assert prefix_len not in seen and max(seen) < prefix_len  # ...and only the suffix afterwards
+
+
+def test_prefix_cache_is_a_bounded_lru():
+    cache = PrefixCache(capacity=2)
+    from app.lm.prefix_cache import CachedPrefix
+
+    for ids in [(1,), (2,), (1,), (3,)]:  # touching (1,) makes (2,) the oldest
+        if cache.get(ids) is None:
+            cache.put(CachedPrefix(ids, None, torch.zeros(1)))
+    assert len(cache) == 2
+    assert cache.get((2,)) is None and cache.get((1,)) is not None and cache.get((3,)) is not None
+
+
+def test_stop_string_cuts_generation(tiny_lm):
+    free = gen(tiny_lm, PROMPT, max_new_tokens=30)
+    assert len(free) > 4
+    stop = free[3:5]
+    cut = gen(tiny_lm, PROMPT, max_new_tokens=30, stop=[stop])
+    assert cut == free[: free.find(stop)]
+
+
+def test_batch_rows_stop_independently_and_match_single_rows(tiny_lm):
+    prompts = [PROMPT, PREFIX + "Persona Information:\nI like long walks in the rain.\nDialogue:\nUser: tell me "
+                                "about your favourite weather and why?\nAssistant:"]
+    singles = [gen(tiny_lm, p, prefix=PREFIX) for p in prompts]
+    stop = singles[0][2:4]  # a stop that ends row 0 early
+    expected = [gen(tiny_lm, p, prefix=PREFIX, stop=[stop]) for p in prompts]
+    out = ["", ""]
+    stats = [{}, {}]
+    for row, piece in tiny_lm.generate_batch(prompts, stop=[stop], max_new_tokens=24, prefix=PREFIX, stats=stats):
+        out[row] += piece
+    assert out == expected
+    assert stats[0]["finish"] == "stop" and stats[0]["tokens"] < 24
+
+
+def test_padded_batch_matches_single_rows_without_prefix(tiny_lm):
+    prompts = ["User: hi\nAssistant:", "User: a much longer opening question about boats?\nAssistant:"]
+    out = ["", ""]
+    for row, piece in tiny_lm.generate_batch(prompts, max_new_tokens=12):
+        out[row] += piece
+    assert out == [gen(tiny_lm, p, max_new_tokens=12) for p in prompts]
+
+
+def test_repetition_penalty_and_sampling_change_output_deterministically(tiny_lm):
+    greedy = gen(tiny_lm, PROMPT)
+    penalised = gen(tiny_lm, PROMPT, sampling=Sampling(repetition_penalty=5.0))
+    sampled = [gen(tiny_lm, PROMPT, sampling=Sampling(temperature=1.5, seed=7)) for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    assert penalised != greedy or sampled[0] != greedy
+
+
+def direct_logprob(lm, context: str, continuation: str) -> float:
+    """log P(continuation | context) from one plain forward pass over the whole sequence, no cache."""
+    ctx = lm.tok(context, add_special_tokens=True).input_ids
+    cont = lm.tok(continuation, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([ctx + cont])).logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    return float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+
+
+def test_score_equals_direct_log_likelihood_with_and_without_cache(tiny_lm):
+    context = "Dialogue:\nUser: do you like boats?\nAssistant:"
+    conts = [" yes, I love boats.", " no", " I prefer bread and space travel, honestly.", ""]
+    expected = [direct_logprob(tiny_lm, context, c) if c else 0.0 for c in conts]
+    tiny_lm.prefix_cache.clear()
+    for _ in range(2):
+        got = tiny_lm.score(context, conts, prefix="Dialogue:\n")
+        assert got == pytest.approx(expected, abs=1e-3)
+    assert tiny_lm.score(context, conts) == pytest.approx(expected, abs=1e-3)
+
+
+def test_model_failure_mid_stream_raises_lm_error(tiny_lm, monkeypatch):
+    real = tiny_lm._forward
+    calls = {"n": 0}
+
+    def failing(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tiny_lm, "_forward", failing)
+    got = []
+    with pytest.raises(LMError, match="simulated"):
+        for piece in tiny_lm.generate("User: hi\nAssistant:", max_new_tokens=20):
+            got.append(piece)
