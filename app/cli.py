@@ -97,6 +97,16 @@ def chat(ctx, skill, session_id, **opts) -> None:
             click.echo(f"\nerror: {exc}", err=True)
 
 
+def _register() -> None:
+    from .cli_knowledge import kb, kg, memory
+
+    for group in (kb, kg, memory):
+        cli.add_command(group)
+
+
+_register()
+
+
 def main() -> None:
     cli()
 
