@@ -283,6 +283,106 @@ class TransformersLM:
         return scores
 
 
+    # ------------------------------------------------------------------ score_prefixes (the selector's fast path)
+    # One continuation (a dialogue history) under many cached prefixes (each skill's selector shots), in ONE forward
+    # pass. The prefixes' KV caches are stacked, each LEFT-padded to the longest, with a hand-built 4D mask per layer
+    # type. Left pads keep every row's real tokens contiguous with its continuation, so distances in cache slots equal
+    # distances in positions and Gemma's sliding-window layers (which count slots) see exactly what they would see
+    # unbatched; sliding layers keep only their last ``window - 1`` slots, so their padded length is computed per type.
+    def score_prefixes(self, prefixes: Sequence[str], continuation: str) -> list[float]:
+        """log P(continuation | prefix_i) for every prefix, in one batched pass over the prefixes' cached KV.
+
+        Each prefix is encoded with the BOS token and kept in the prefix cache; the continuation is encoded once without
+        special tokens (``encode(prefix) + encode(continuation)``, as everywhere in this backend).
+
+        Args:
+            prefixes: the constant heads, e.g. one selector prompt per skill.
+            continuation: the text scored after each of them.
+        Returns:
+            one summed log-probability per prefix, in order.
+        Raises:
+            LMError: the model failed or uses an attention kernel that takes no explicit mask.
+        """
+        if not prefixes:
+            return []
+        cont = self.tok(continuation, add_special_tokens=False).input_ids
+        if not cont:
+            return [0.0] * len(prefixes)
+        try:
+            entries = [self._prefix(tuple(self.tok(p, add_special_tokens=True).input_ids)) for p in prefixes]
+            # The first continuation token is predicted by each prefix's stored last logits: no forward needed.
+            first = torch.stack([e.last_logits.float() for e in entries]).log_softmax(-1)[:, cont[0]].cpu()
+            if len(cont) == 1:
+                return first.tolist()
+            rest = _score_stacked(self, entries, cont)
+            return (first + rest).tolist()
+        except LMError:
+            raise
+        except Exception as exc:
+            log.exception("scoring failed")
+            raise LMError(f"the model failed while scoring: {exc}") from exc
+
+
+def _score_stacked(lm: "TransformersLM", entries: list[CachedPrefix], cont: list[int]) -> torch.Tensor:
+    """Sum of log P(cont[1:]) per row, feeding cont[:-1] after each entry's stacked, left-padded cache. Returns [B]."""
+    model, cfg = lm.model, lm.model.config
+    impl = getattr(cfg, "_attn_implementation", "eager")
+    if impl not in ("sdpa", "eager"):
+        raise LMError(f"score_prefixes needs sdpa or eager attention, not {impl!r}")
+    B, L = len(entries), len(cont) - 1
+    lens = torch.tensor([len(e.ids) for e in entries])  # P_i: real prefix lengths
+    q_pos = lens[:, None] + torch.arange(L)[None, :]  # [B, L] positions of the fed tokens
+    layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
+    window = getattr(cfg, "sliding_window", None)
+    cache = fork_cache(entries[0].cache)
+    masks: dict[str, torch.Tensor] = {}
+    for idx, layer in enumerate(cache.layers):
+        kvs = [(e.cache.layers[idx].keys, e.cache.layers[idx].values) for e in entries]
+        real = [k.shape[-2] for k, _ in kvs]  # c_i: slots this layer keeps (min(P_i, window-1) when sliding)
+        K = max(real)
+        layer.keys = torch.cat([_left_pad(k, K) for k, _ in kvs])  # [B, heads, K, head_dim]
+        layer.values = torch.cat([_left_pad(v, K) for _, v in kvs])
+        kind = layer_types[idx]
+        if kind in masks:
+            if masks[kind].shape[-1] != K + L:
+                raise LMError(f"layer {idx}: cache length differs from other {kind} layers")
+            continue
+        # Position held by each slot: cached slots end at P_i - 1, then the L fed tokens; pads get -1 (never seen).
+        slot = torch.arange(K)[None, :]
+        pad = K - torch.tensor(real)[:, None]
+        cached_pos = torch.where(slot >= pad, lens[:, None] - K + slot, torch.full_like(slot, -1))
+        kv_pos = torch.cat([cached_pos, q_pos], dim=1)  # [B, K + L]
+        allowed = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[:, :, None])
+        if kind == "sliding_attention" and window:
+            allowed &= q_pos[:, :, None] - kv_pos[:, None, :] < window
+        allowed = allowed[:, None]  # [B, 1, L, K + L]
+        if impl == "eager":
+            allowed = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill(~allowed, torch.finfo(model.dtype).min)
+        masks[kind] = allowed.to(lm.device)
+    mask = masks if len(masks) > 1 else next(iter(masks.values()))
+    ids = torch.tensor([cont[:-1]] * B, device=lm.device)
+    with lm._forward_lock, torch.inference_mode():
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=q_pos.to(lm.device),
+                                     cache=cache, use_cache=True).last_hidden_state  # [B, L, H]
+        # Logits only for a bounded number of positions at a time (a 262k vocabulary is ~1 MB per position).
+        flat, targets = hidden.reshape(B * L, -1), torch.tensor(cont[1:] * B, device=lm.device)
+        head, cap = model.get_output_embeddings(), getattr(cfg, "final_logit_softcapping", None)
+        out = torch.empty(B * L)
+        for start in range(0, B * L, _SCORE_LOGITS_BUDGET):
+            logits = head(flat[start : start + _SCORE_LOGITS_BUDGET]).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            tgt = targets[start : start + _SCORE_LOGITS_BUDGET]
+            out[start : start + len(tgt)] = (logits.gather(1, tgt[:, None])[:, 0] - logits.logsumexp(-1)).cpu()
+    return out.view(B, L).sum(1)
+
+
+def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad a [1, heads, n, d] cache tensor on the left of its sequence axis to ``length``."""
+    n = t.shape[-2]
+    return t if n == length else torch.nn.functional.pad(t, (0, 0, length - n, 0))
+# ------------------------------------------------------------------ end of score_prefixes
+
 def _choose(logits: torch.Tensor, generated: list[list[int]], s: Sampling, rng) -> torch.Tensor:
     """Next token per row from logits [B, V]: repetition penalty on generated tokens, then greedy or sampled."""
     if s.repetition_penalty != 1.0:

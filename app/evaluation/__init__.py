@@ -1,0 +1,1 @@
+"""Evaluation commands (`fsb eval ...`) over the shared development data."""

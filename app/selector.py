@@ -1,0 +1,331 @@
+"""The skill selector: which skill answers this turn.
+
+Three ways to score the skills, one `Selector` that applies the user's hooks on top:
+
+- ``prompt`` (the Few-Shot Bot paper's): every skill has a constant selector prompt, its first ``selector_shots`` example
+  dialogues in one neutral layout (``prompts/selector.yaml``); the recent history is scored after each prompt and the
+  skill under which it is most likely (lowest perplexity) wins. The prompts are prefix-cached and all skills are
+  scored in ONE batched forward pass (`TransformersLM.score_prefixes`).
+- ``embedding``: the history's all-MiniLM-L6-v2 embedding against every example window of every skill; a skill's
+  score is the mean cosine of its nearest few windows.
+- ``hybrid``: the embedding scores shortlist the top ``shortlist`` skills, the prompt scores decide among them
+  (optionally plus ``weight`` x the embedding score). Fewer rows make it faster than ``prompt``.
+
+Hooks: a forced skill (per session or per message, passed as ``force``) wins without scoring; each skill's score comes
+back in `Selection.scores` for the turn trace; when the winner's margin over the runner-up is below ``min_margin`` the
+``fallback`` skill answers instead.
+
+Scores are "higher is better" everywhere: mean log-probability per history token for the prompt method (perplexity is
+``exp(-score)``), cosine similarity for the embedding method.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import jinja2
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+log = logging.getLogger(__name__)
+
+Turn = tuple[str, str]  # (user, assistant); the live turn's assistant side is ""
+Dialogue = tuple[Turn, ...]
+METHODS = ("prompt", "embedding", "hybrid")
+# The method `best` resolves to: measured on selector-dev with the embedded gemma-3-270m (see bench/selector.py).
+BEST_METHOD = "hybrid"
+
+
+class SelectorError(Exception):
+    """A selection request that cannot be served (unknown forced skill, no selectable skill, bad layout file)."""
+
+
+# ------------------------------------------------------------------------------------------------ the layout
+class SelectorLayout(BaseModel):
+    """``prompts/selector.yaml``: the neutral layout shared by every skill's selector prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "selector"
+    description: str = ""
+    header: str
+    user_line: str
+    bot_line: str
+    line_separator: str
+    shot_separator: str
+
+    @classmethod
+    def load(cls, path: Path) -> "SelectorLayout":
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            return cls(**data)
+        except (OSError, yaml.YAMLError, TypeError, ValueError) as exc:
+            raise SelectorError(f"{path}: cannot load the selector layout: {exc}") from None
+
+    def lines(self, turns: Iterable[Sequence[str]]) -> list[str]:
+        env = _jinja()
+        user, bot = env.from_string(self.user_line), env.from_string(self.bot_line)
+        out = []
+        for turn in turns:
+            u, b = (list(turn) + ["", ""])[:2]
+            if u:
+                out.append(user.render(text=u))
+            if b:
+                out.append(bot.render(text=b))
+        return out
+
+    def dialogue(self, turns: Iterable[Sequence[str]]) -> str:
+        """One example dialogue: the header and its lines."""
+        return self.line_separator.join([self.header, *self.lines(turns)])
+
+    def prefix(self, examples: Sequence[Dialogue]) -> str:
+        """A skill's constant selector prompt: its example dialogues, then the header of the dialogue to score."""
+        shots = "".join(self.dialogue(d) + self.shot_separator for d in examples)
+        return shots + self.header + self.line_separator
+
+    def history(self, turns: Iterable[Sequence[str]]) -> str:
+        """The scored continuation: the history's lines (the header is part of the prefix)."""
+        return self.line_separator.join(self.lines(turns))
+
+
+_env: jinja2.Environment | None = None
+
+
+def _jinja() -> jinja2.Environment:
+    global _env
+    if _env is None:
+        _env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+    return _env
+
+
+# --------------------------------------------------------------------------------------------- value objects
+@dataclass(frozen=True)
+class Candidate:
+    """A selectable skill as the selector sees it: a name, its example dialogues, how many the prompt uses."""
+
+    name: str
+    examples: tuple[Dialogue, ...]
+    shots: int = 2
+    label: str = ""  # the dataset label (``dataset:`` in the skill file), for evaluation
+
+    @property
+    def key(self) -> str:
+        """Content hash: a changed skill file gets fresh embeddings and a fresh prompt."""
+        h = hashlib.blake2b(repr((self.name, self.examples)).encode(), digest_size=12)
+        return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome of one selection, for the reply and the turn trace."""
+
+    skill: str
+    scores: dict[str, float]  # the deciding scores, higher is better (see the module docstring)
+    method: str  # prompt | embedding | hybrid | forced
+    latency_s: float
+    confident: bool
+    margin: float = math.inf  # best score minus the runner-up's
+    forced: bool = False
+    fallback: bool = False  # the fallback skill answered because no score was confident
+    details: dict[str, dict[str, float]] = field(default_factory=dict)  # e.g. hybrid's embedding scores
+
+    def trace(self) -> dict:
+        return {"skill": self.skill, "method": self.method, "scores": {k: round(v, 4) for k, v in self.scores.items()},
+                "confident": self.confident, "margin": None if math.isinf(self.margin) else round(self.margin, 4),
+                "forced": self.forced, "fallback": self.fallback, "latency_s": round(self.latency_s, 4)}
+
+
+def to_dialogue(turns: Iterable[Sequence[str]]) -> Dialogue:
+    return tuple((str((list(t) + ["", ""])[0] or ""), str((list(t) + ["", ""])[1] or "")) for t in turns)
+
+
+def candidates_from_skills(skills: Iterable) -> list[Candidate]:
+    """One candidate per skill (`app.skills.Skill`): its examples' ``dialogue`` fields, ``selector_shots`` of them."""
+    out = []
+    for s in skills:
+        dialogues = tuple(to_dialogue(e["dialogue"]) for e in s.examples if e.get("dialogue"))
+        if dialogues:
+            out.append(Candidate(s.name, dialogues, s.selector_shots, s.dataset or s.name))
+    return out
+
+
+def registry_source(registry, include_safety: bool = False) -> Callable[[], list[Candidate]]:
+    """Candidates from a `SkillRegistry`, re-read on every call (so a new or edited skill file counts at once)."""
+    memo: dict[int, list[Candidate]] = {}
+
+    def source() -> list[Candidate]:
+        skills = registry.all(kind="response") + (registry.all(kind="safety") if include_safety else [])
+        key = hash(tuple(id(s) for s in skills))  # the registry hands out new Skill objects after a reload
+        if key not in memo:
+            memo.clear()
+            memo[key] = candidates_from_skills(skills)
+        return memo[key]
+
+    return source
+
+
+# ------------------------------------------------------------------------------------------------- scorers
+class PromptScorer:
+    """Mean log-probability per token of the history under each candidate's selector prompt."""
+
+    def __init__(self, lm, layout: SelectorLayout):
+        self.lm, self.layout = lm, layout
+
+    def prefix(self, c: Candidate) -> str:
+        return self.layout.prefix(c.examples[: c.shots])
+
+    def warm(self, candidates: Sequence[Candidate]) -> None:
+        """Encode every selector prompt once (into the LM's prefix cache)."""
+        if hasattr(self.lm, "score_prefixes"):
+            for c in candidates:
+                self.lm.score_prefixes([self.prefix(c)], self.layout.header)
+
+    def scores(self, history: Dialogue, candidates: Sequence[Candidate]) -> dict[str, float]:
+        text = self.layout.history(history)
+        prefixes = [self.prefix(c) for c in candidates]
+        if hasattr(self.lm, "score_prefixes"):
+            logps = self.lm.score_prefixes(prefixes, text)
+        else:  # any LM backend: one scoring call per skill
+            logps = [self.lm.score(p, [text], prefix=p)[0] for p in prefixes]
+        n = max(1, self.lm.count_tokens(text))
+        return {c.name: lp / n for c, lp in zip(candidates, logps)}
+
+
+class EmbeddingScorer:
+    """Cosine similarity of the history to each candidate's nearest example windows (mean of the top ``top``)."""
+
+    def __init__(self, embedder, history_turns: int = 5, top: int = 3):
+        self.embedder, self.history_turns, self.top = embedder, history_turns, top
+        self._cache: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def text(turns: Sequence[Turn]) -> str:
+        return "\n".join(x for t in turns for x in t if x)
+
+    def windows(self, c: Candidate) -> list[str]:
+        """Every history an example dialogue passes through: up to ``history_turns`` turns ending at a user turn."""
+        out = []
+        for d in c.examples:
+            for t in range(len(d)):
+                turns = list(d[max(0, t - self.history_turns + 1) : t + 1])
+                turns[-1] = (turns[-1][0], "")
+                out.append(self.text(turns))
+        return [w for w in out if w] or [c.name]
+
+    def matrix(self, c: Candidate) -> np.ndarray:
+        key = c.key
+        with self._lock:
+            m = self._cache.get(key)
+        if m is None:
+            m = self.embedder.encode(self.windows(c))
+            with self._lock:
+                self._cache[key] = m
+        return m
+
+    def warm(self, candidates: Sequence[Candidate]) -> None:
+        for c in candidates:
+            self.matrix(c)
+
+    def scores(self, history: Dialogue, candidates: Sequence[Candidate]) -> dict[str, float]:
+        q = self.embedder.encode([self.text(history[-self.history_turns :])])[0]
+        out = {}
+        for c in candidates:
+            sims = self.matrix(c) @ q
+            k = min(self.top, len(sims))
+            out[c.name] = float(np.sort(sims)[-k:].mean())
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ selector
+class Selector:
+    """Chooses the skill for a turn.
+
+    Args:
+        source: returns the selectable candidates (see `registry_source`); called on every selection.
+        lm: the LM for the prompt and hybrid methods (``score_prefixes`` makes them one batched pass).
+        embedder: a sentence embedder (``encode(texts) -> unit rows``) for the embedding and hybrid methods.
+        layout: the neutral layout, usually ``SelectorLayout.load(settings.prompts_dir / "selector.yaml")``.
+        method: ``prompt``, ``embedding``, ``hybrid`` or ``best`` (= `BEST_METHOD`).
+        history_turns: how many recent turns are scored (the paper: 3-5).
+        shortlist: the hybrid's number of embedding-shortlisted skills scored by the prompt.
+        weight: the hybrid adds ``weight`` x the embedding score to the prompt score.
+        fallback: the skill that answers when the margin is below ``min_margin`` (None: keep the winner).
+        min_margin: the margin (best minus runner-up score) below which a selection is not confident.
+    Raises:
+        SelectorError: from `select`, for an unknown forced skill or when no skill is selectable.
+    Example:
+        >>> sel = Selector(registry_source(registry), lm=lm, embedder=default_embedder(), layout=layout)
+        >>> sel.select([["can you book me a taxi to the station ?", ""]]).skill
+        'mwoz-taxi'
+    """
+
+    def __init__(self, source: Callable[[], Sequence[Candidate]], lm=None, embedder=None,
+                 layout: SelectorLayout | None = None, method: str = "best", history_turns: int = 5,
+                 shortlist: int = 4, weight: float = 0.0, fallback: str | None = None, min_margin: float = 0.0,
+                 embedding_top: int = 3):
+        method = BEST_METHOD if method == "best" else method
+        if method not in METHODS:
+            raise SelectorError(f"unknown selector method {method!r}; use one of: {', '.join(METHODS)}, best")
+        if method in ("prompt", "hybrid") and (lm is None or layout is None):
+            raise SelectorError(f"the {method} selector needs an LM and the selector layout")
+        if method in ("embedding", "hybrid") and embedder is None:
+            raise SelectorError(f"the {method} selector needs a sentence embedder")
+        self.source, self.method = source, method
+        self.history_turns, self.shortlist, self.weight = history_turns, shortlist, weight
+        self.fallback, self.min_margin = fallback, min_margin
+        self.prompt = PromptScorer(lm, layout) if lm is not None and layout is not None else None
+        self.embedding = EmbeddingScorer(embedder, history_turns, embedding_top) if embedder is not None else None
+
+    def warm(self) -> None:
+        """Compute every cache a selection needs (selector prompts, example embeddings) ahead of the first turn."""
+        candidates = list(self.source())
+        if self.embedding is not None and self.method != "prompt":
+            self.embedding.warm(candidates)
+        if self.prompt is not None and self.method != "embedding":
+            self.prompt.warm(candidates)
+
+    def select(self, history: Sequence[Sequence[str]], force: str | None = None) -> Selection:
+        """The skill for the turn whose history (``[[user, assistant], ..., [user, ""]]``) is given."""
+        started = time.perf_counter()
+        candidates = list(self.source())
+        names = [c.name for c in candidates]
+        if force:
+            if force not in names:
+                raise SelectorError(f"cannot force unknown skill {force!r}; selectable: {', '.join(names)}")
+            return Selection(force, {}, "forced", time.perf_counter() - started, True, forced=True)
+        if not candidates:
+            raise SelectorError("no selectable skill: add a response skill file under skills/")
+        turns = to_dialogue(history)[-self.history_turns :]
+        if not turns:
+            raise SelectorError("the history is empty: there is nothing to select a skill for")
+        details: dict[str, dict[str, float]] = {}
+        if len(candidates) == 1:
+            scores = {names[0]: 0.0}
+        elif self.method == "embedding":
+            scores = self.embedding.scores(turns, candidates)
+        elif self.method == "prompt":
+            scores = self.prompt.scores(turns, candidates)
+        else:
+            emb = self.embedding.scores(turns, candidates)
+            details["embedding"] = emb
+            top = sorted(candidates, key=lambda c: -emb[c.name])[: max(1, self.shortlist)]
+            scores = self.prompt.scores(turns, top)
+            scores = {k: v + self.weight * emb[k] for k, v in scores.items()}
+        return self._decide(scores, names, started, details)
+
+    def _decide(self, scores: dict[str, float], names: list[str], started: float, details) -> Selection:
+        ranked = sorted(scores.items(), key=lambda kv: -kv[1] if math.isfinite(kv[1]) else math.inf)
+        best, best_score = ranked[0]
+        margin = best_score - ranked[1][1] if len(ranked) > 1 else math.inf
+        confident = math.isfinite(best_score) and (margin > self.min_margin or (margin == math.inf))
+        use_fallback = not confident and self.fallback in names and self.fallback != best
+        skill = self.fallback if use_fallback else best
+        return Selection(skill, scores, self.method, time.perf_counter() - started, confident, margin,
+                         fallback=use_fallback, details=details)
