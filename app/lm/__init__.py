@@ -32,13 +32,14 @@ def load_lm(settings, progress=None) -> LM:
     else:
         from .hf import TransformersLM
 
-        path = name
+        path, tokenizer = name, None
         if name.startswith("embedded:"):
-            from .embedded import ensure_checkpoint
+            from .embedded import ensure_checkpoint, load_tokenizer
 
             path = str(ensure_checkpoint(settings.models_dir, progress=progress))
+            tokenizer = load_tokenizer(path)
         lm = TransformersLM.from_pretrained(path, device=settings.device, dtype=settings.dtype,
-                                            prefix_cache_entries=settings.prefix_cache_entries)
+                                            prefix_cache_entries=settings.prefix_cache_entries, tokenizer=tokenizer)
         lm.name = name
     log.info("model %s loaded in %.1f s", name, time.perf_counter() - started)
     return lm

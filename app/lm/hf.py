@@ -55,7 +55,8 @@ class TransformersLM:
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, device: str = "auto", dtype: str = "auto", prefix_cache_entries: int = 32, **kw
+        cls, name_or_path: str, device: str = "auto", dtype: str = "auto", prefix_cache_entries: int = 32,
+        tokenizer=None, **kw
     ) -> "TransformersLM":
         """Load a model id or local folder; ``device="auto"`` spreads it over GPUs with accelerate when there are any."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,9 +64,12 @@ class TransformersLM:
         cuda = torch.cuda.is_available() and device != "cpu"
         torch_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
                        "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        device_map = ("auto" if device == "auto" else device) if cuda else "cpu"
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, device_map=device_map, **kw)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(name_or_path, **kw)
+        if cuda:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype,
+                                                         device_map="auto" if device == "auto" else device, **kw)
+        else:  # no device_map on CPU: accelerate's dispatch costs seconds there and buys nothing
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kw)
         return cls(model, tokenizer, name=str(name_or_path), prefix_cache_entries=prefix_cache_entries)
 
     @property
