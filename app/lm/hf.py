@@ -293,7 +293,7 @@ class TransformersLM:
     # type. Left pads keep every row's real tokens contiguous with its continuation, so distances in cache slots equal
     # distances in positions and Gemma's sliding-window layers (which count slots) see exactly what they would see
     # unbatched; sliding layers keep only their last ``window - 1`` slots, so their padded length is computed per type.
-    def score_prefixes(self, prefixes: Sequence[str], continuation: str) -> list[float]:
+    def score_prefixes(self, prefixes: Sequence[str], continuation: str, low_precision: bool = False) -> list[float]:
         """log P(continuation | prefix_i) for every prefix, in one batched pass over the prefixes' cached KV.
 
         Each prefix is encoded with the BOS token and kept in the prefix cache; the continuation is encoded once without
@@ -302,6 +302,9 @@ class TransformersLM:
         Args:
             prefixes: the constant heads, e.g. one selector prompt per skill.
             continuation: the text scored after each of them.
+            low_precision: run the batched pass's matrix products in bfloat16 (a cached bf16 copy of the output
+                layer): about 2-3x faster on CPUs with AMX and on GPUs, scores within a few hundredths of a nat.
+                The default is exact (equal to scoring each prefix + continuation in one plain forward pass).
         Returns:
             one summed log-probability per prefix, in order.
         Raises:
@@ -318,7 +321,7 @@ class TransformersLM:
             first = torch.stack([e.last_logits.float() for e in entries]).log_softmax(-1)[:, cont[0]].cpu()
             if len(cont) == 1:
                 return first.tolist()
-            rest = _score_stacked(self, entries, cont)
+            rest = _score_stacked(self, entries, cont, low_precision)
             return (first + rest).tolist()
         except LMError:
             raise
@@ -327,7 +330,7 @@ class TransformersLM:
             raise LMError(f"the model failed while scoring: {exc}") from exc
 
 
-def _score_stacked(lm: "TransformersLM", entries: list[CachedPrefix], cont: list[int]) -> torch.Tensor:
+def _score_stacked(lm: "TransformersLM", entries: list[CachedPrefix], cont: list[int], low_precision: bool) -> torch.Tensor:
     """Sum of log P(cont[1:]) per row, feeding cont[:-1] after each entry's stacked, left-padded cache. Returns [B]."""
     model, cfg = lm.model, lm.model.config
     impl = getattr(cfg, "_attn_implementation", "eager")
@@ -365,15 +368,21 @@ def _score_stacked(lm: "TransformersLM", entries: list[CachedPrefix], cont: list
         masks[kind] = allowed.to(lm.device)
     mask = masks if len(masks) > 1 else next(iter(masks.values()))
     ids = torch.tensor([cont[:-1]] * B, device=lm.device)
-    with lm._forward_lock, torch.inference_mode():
+    head, cap = model.get_output_embeddings(), getattr(cfg, "final_logit_softcapping", None)
+    weight, bias = head.weight, head.bias
+    if low_precision:
+        if getattr(lm, "_bf16_head", None) is None:  # 2 bytes x vocab x hidden, made once
+            lm._bf16_head = weight.detach().to(torch.bfloat16)
+        weight, bias = lm._bf16_head, None if bias is None else bias.to(torch.bfloat16)
+    autocast = torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=low_precision)
+    with lm._forward_lock, torch.inference_mode(), autocast:
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=q_pos.to(lm.device),
                                      cache=cache, use_cache=True).last_hidden_state  # [B, L, H]
         # Logits only for a bounded number of positions at a time (a 262k vocabulary is ~1 MB per position).
-        flat, targets = hidden.reshape(B * L, -1), torch.tensor(cont[1:] * B, device=lm.device)
-        head, cap = model.get_output_embeddings(), getattr(cfg, "final_logit_softcapping", None)
+        flat, targets = hidden.reshape(B * L, -1).to(weight.dtype), torch.tensor(cont[1:] * B, device=lm.device)
         out = torch.empty(B * L)
         for start in range(0, B * L, _SCORE_LOGITS_BUDGET):
-            logits = head(flat[start : start + _SCORE_LOGITS_BUDGET]).float()
+            logits = torch.nn.functional.linear(flat[start : start + _SCORE_LOGITS_BUDGET], weight, bias).float()
             if cap:
                 logits = torch.tanh(logits / cap) * cap
             tgt = targets[start : start + _SCORE_LOGITS_BUDGET]

@@ -1,0 +1,198 @@
+"""The skill selector on the tiny random model: exact batched scoring, hot-reloaded skills, forced skills, the eval CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from app.evaluation.selector_eval import load_examples, metrics, selector_command
+from app.lm.tiny import build_tiny_lm, corpus_from
+from app.selector import Candidate, Selector, SelectorError, SelectorLayout, registry_source
+from app.settings import REPO_ROOT
+from app.skills import SkillRegistry
+from retrievers.embed import HashingEmbedder
+
+LAYOUT = SelectorLayout.load(REPO_ROOT / "prompts" / "selector.yaml")
+TAXI = """\
+name: taxi
+description: Books taxis.
+kind: response
+dataset: mwoz-taxi
+selector_shots: 1
+template: |
+  Dialogue:
+  {{ history }}
+examples:
+  - dialogue:
+      - ["i need a taxi to the station at 5 pm .", "sure , where will you be leaving from ?"]
+      - ["from the hotel please .", "booked ! a red car will pick you up ."]
+"""
+
+
+@pytest.fixture(scope="module")
+def lm():
+    corpus = corpus_from([REPO_ROOT / "skills", REPO_ROOT / "prompts"]) + [TAXI]
+    # sliding_window=16: most prefixes and continuations below are longer than a window.
+    return build_tiny_lm(corpus, sliding_window=16)
+
+
+def direct_logprob(lm, prefix: str, continuation: str) -> float:
+    """log P(continuation | prefix) from one plain forward pass over the whole sequence, no cache."""
+    head = lm.tok(prefix, add_special_tokens=True).input_ids
+    tail = lm.tok(continuation, add_special_tokens=False).input_ids
+    ids = torch.tensor([head + tail])
+    with torch.inference_mode():
+        logp = lm.model(input_ids=ids).logits[0].float().log_softmax(-1)
+    return float(sum(logp[i - 1, ids[0, i]] for i in range(len(head), ids.shape[1])))
+
+
+PREFIXES = [
+    "",
+    "Dialogue:\n",
+    "Dialogue:\nUser: hi there\nAssistant: hello , how are you ?\n\nDialogue:\n",
+    "Dialogue:\nUser: i need a taxi to the station at 5 pm .\nAssistant: sure , where will you be leaving from ?\n"
+    "User: from the hotel please .\nAssistant: booked ! a red car will pick you up .\n\nDialogue:\n",
+]
+HISTORY = "User: i would like a taxi from the hotel .\nAssistant: where to ?\nUser: the station , please ."
+
+
+@pytest.mark.parametrize("entries", [32, 0], ids=["cache", "no-cache"])
+def test_score_prefixes_equals_direct_loglikelihood(lm, entries):
+    lm.prefix_cache.capacity = entries
+    lm.prefix_cache.clear()
+    try:
+        lengths = [len(lm.tok(p, add_special_tokens=True).input_ids) for p in PREFIXES]
+        assert min(lengths) < 16 < max(lengths)  # rows on both sides of the sliding window, padded together
+        assert len(lm.tok(HISTORY, add_special_tokens=False).input_ids) > 16
+        want = [direct_logprob(lm, p, HISTORY) for p in PREFIXES]
+        cold = lm.score_prefixes(PREFIXES, HISTORY)
+        warm = lm.score_prefixes(PREFIXES, HISTORY)
+        assert cold == pytest.approx(want, rel=1e-5, abs=1e-4)
+        assert warm == pytest.approx(want, rel=1e-5, abs=1e-4)
+        assert len(lm.prefix_cache) == (len(PREFIXES) if entries else 0)
+        # Each row is independent of the others in its batch.
+        assert lm.score_prefixes(PREFIXES[2:3], HISTORY) == pytest.approx(want[2:3], rel=1e-5, abs=1e-4)
+        assert lm.score_prefixes(PREFIXES, "User") == pytest.approx([direct_logprob(lm, p, "User") for p in PREFIXES],
+                                                                    abs=1e-4)
+        assert lm.score_prefixes(PREFIXES, "") == [0.0] * len(PREFIXES)
+        assert lm.score_prefixes([], HISTORY) == []
+    finally:
+        lm.prefix_cache.capacity = 32
+
+
+def test_low_precision_scores_are_close(lm):
+    exact = lm.score_prefixes(PREFIXES, HISTORY)
+    fast = lm.score_prefixes(PREFIXES, HISTORY, low_precision=True)
+    n = len(lm.tok(HISTORY, add_special_tokens=False).input_ids)
+    assert [f / n for f in fast] == pytest.approx([e / n for e in exact], abs=0.05)
+
+
+def test_selector_prompt_is_the_neutral_layout():
+    c = Candidate("taxi", ((("i need a taxi .", "where to ?"), ("the station .", "")),), shots=1)
+    assert LAYOUT.prefix(c.examples) == ("Dialogue:\nUser: i need a taxi .\nAssistant: where to ?\nUser: the station ."
+                                         "\n\nDialogue:\n")
+    assert LAYOUT.history([["hello", "hi !"], ["book a taxi", ""]]) == "User: hello\nAssistant: hi !\nUser: book a taxi"
+
+
+def skills_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "skills"
+    d.mkdir()
+    shutil.copy(REPO_ROOT / "skills" / "persona.yaml", d / "persona.yaml")
+    return d
+
+
+def test_prompt_selection_matches_direct_scores(lm, tmp_path):
+    d = skills_dir(tmp_path)
+    (d / "taxi.yaml").write_text(TAXI)
+    registry = SkillRegistry(d)
+    sel = Selector(registry_source(registry), lm=lm, layout=LAYOUT, method="prompt")
+    history = [["i would like a taxi from the hotel .", "where to ?"], ["the station , please .", ""]]
+    got = sel.select(history)
+    text = LAYOUT.history(history)
+    n = lm.count_tokens(text)
+    want = {s.name: direct_logprob(lm, sel.prompt.prefix(c), text) / n
+            for s, c in zip(registry.all(kind="response"), sel.source())}
+    assert got.scores == pytest.approx(want, rel=1e-5, abs=1e-4)
+    assert got.skill == max(want, key=want.get)
+    assert got.method == "prompt" and not got.forced and got.latency_s > 0
+
+
+def test_new_skill_file_is_selectable_without_restart(lm, tmp_path):
+    d = skills_dir(tmp_path)
+    registry = SkillRegistry(d)
+    sel = Selector(registry_source(registry), lm=lm, embedder=HashingEmbedder(), layout=LAYOUT, method="hybrid",
+                   shortlist=2)
+    history = [["i need a taxi to the station at 5 pm .", ""]]
+    assert set(sel.select(history).scores) == {"persona"}
+    (d / "taxi.yaml").write_text(TAXI)
+    after = sel.select(history)
+    assert set(after.scores) == {"persona", "taxi"}
+    assert set(after.details["embedding"]) == {"persona", "taxi"}
+    emb = Selector(registry_source(registry), embedder=HashingEmbedder(), method="embedding").select(history)
+    assert emb.skill == "taxi"  # the history repeats the taxi example word for word
+
+
+def test_forced_skill_wins_and_unknown_force_is_an_error(lm, tmp_path):
+    d = skills_dir(tmp_path)
+    (d / "taxi.yaml").write_text(TAXI)
+    sel = Selector(registry_source(SkillRegistry(d)), embedder=HashingEmbedder(), method="embedding")
+    history = [["i need a taxi to the station at 5 pm .", ""]]
+    assert sel.select(history).skill == "taxi"
+    forced = sel.select(history, force="persona")
+    assert (forced.skill, forced.forced, forced.method) == ("persona", True, "forced")
+    with pytest.raises(SelectorError, match="unknown skill 'nope'"):
+        sel.select(history, force="nope")
+
+
+def test_fallback_when_no_score_is_confident(tmp_path):
+    d = skills_dir(tmp_path)
+    (d / "taxi.yaml").write_text(TAXI)
+    sel = Selector(registry_source(SkillRegistry(d)), embedder=HashingEmbedder(), method="embedding",
+                   fallback="persona", min_margin=10.0)
+    got = sel.select([["i need a taxi to the station at 5 pm .", ""]])
+    assert (got.skill, got.confident, got.fallback) == ("persona", False, True)
+    assert max(got.scores, key=got.scores.get) == "taxi"
+
+
+def test_metrics():
+    m = metrics(["a", "a", "b", "c"], ["a", "b", "b", "c"])
+    assert m["accuracy"] == 0.75
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    assert m["confusion"] == {"a": {"a": 1, "b": 1}, "b": {"b": 1}, "c": {"c": 1}}
+
+
+def write_eval_fixture(tmp_path: Path) -> tuple[Path, Path]:
+    pool = tmp_path / "pool"
+    for label, line in {"taxi": ("i need a taxi .", "where to ?"), "chat": ("how was your day ?", "lovely !"),
+                        "chat-parse": ("x", "y")}.items():
+        (pool / label).mkdir(parents=True)
+        (pool / label / "valid.json").write_text(json.dumps([{"meta": None, "dialogue": [list(line)]}] * 25))
+    data = tmp_path / "dev.jsonl"
+    rows = [{"skill": "taxi", "dialogue": [["a taxi to the station .", ""]]},
+            {"skill": "chat", "dialogue": [["my day was great", "nice"], ["and yours ?", ""]]},
+            {"skill": "taxi", "dialogue": [["taxi please", ""]]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data, pool
+
+
+def test_eval_cli_json(tmp_path, monkeypatch):
+    data, pool = write_eval_fixture(tmp_path)
+    monkeypatch.setenv("FSB_MODEL", "tiny")
+    res = CliRunner().invoke(selector_command, ["--data", str(data), "--pool", str(pool), "--selector", "prompt",
+                                                "--limit", "2", "--shots", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["selector"] == "prompt" and out["n"] == 2
+    assert 0.0 <= out["accuracy"] <= 1.0 and 0.0 <= out["macro_f1"] <= 1.0 and out["median_latency_s"] > 0
+    assert set(out["confusion"]) == {"taxi", "chat"}  # stratified: one of each label; chat-parse never offered
+    assert set().union(*out["confusion"].values()) <= {"taxi", "chat"}
+
+
+def test_load_examples_stratified(tmp_path):
+    data, _ = write_eval_fixture(tmp_path)
+    assert [r["skill"] for r in load_examples(data, 2)] == ["taxi", "chat"]
+    assert len(load_examples(data)) == 3
