@@ -90,13 +90,28 @@ def to_dialogue(messages: Sequence[dict]) -> list[list[str]]:
 
 
 class Bot:
-    """Orchestrates one turn. Holds no per-request state: two requests may run at once."""
+    """Orchestrates one turn. Holds no per-request state: two requests may run at once.
 
-    def __init__(self, settings, lm: LM, skills: SkillRegistry, store: Store | None = None):
+    Args:
+        settings: `Settings`.
+        lm: the `LM` backend.
+        skills: the `SkillRegistry`.
+        store: sessions and messages (``None``: `turn` works, `chat` does not).
+        selector: picks the skill when none is forced (``None``: the default skill answers).
+        aligner: the alignment layer for aligned skills and safety refusals (``None``: those use their own prompts).
+        knowledge: the retrievers (``None``: skills get no knowledge).
+    """
+
+    def __init__(self, settings, lm: LM, skills: SkillRegistry, store: Store | None = None, selector=None,
+                 aligner=None, knowledge=None, messages: dict | None = None):
         self.settings = settings
         self.lm = lm
         self.skills = skills
         self.store = store
+        self.selector = selector
+        self.aligner = aligner
+        self.knowledge = knowledge
+        self.messages = messages or {}
 
     # --------------------------------------------------------------------------------------------- choices
     def skill_for(self, name: str | None) -> Skill:
@@ -117,6 +132,21 @@ class Bot:
                     f"message {i} has {len(m['content'])} characters; the limit is {self.settings.max_message_chars}",
                     f"messages[{i}].content", "message_too_long")
 
+    def _select(self, dialogue, forced: str | None, trace: dict) -> Skill:
+        started = time.perf_counter()
+        if forced:
+            skill = self.skill_for(forced)
+            trace["selection"] = {"skill": skill.name, "method": "forced", "forced": True, "scores": {}}
+        elif self.selector is not None:
+            selection = self.selector.select(dialogue)
+            skill = self.skill_for(selection.skill)
+            trace["selection"] = selection.trace()
+        else:
+            skill = self.skill_for(None)
+            trace["selection"] = {"skill": skill.name, "method": "default", "forced": False, "scores": {}}
+        _step(trace, "select", started, skill=skill.name)
+        return skill
+
     # ------------------------------------------------------------------------------------------------ turn
     def turn(
         self,
@@ -124,54 +154,151 @@ class Bot:
         skill: str | None = None,
         sampling: dict | None = None,
         max_tokens: int | None = None,
+        user: str = "",
     ) -> TurnStream:
-        """Start a turn over ``messages``; validation errors raise here, before any streaming begins."""
+        """Start a turn over ``messages``; validation errors raise here, before any streaming begins.
+
+        safety / selection -> parser skill (query) -> retriever -> response skill or alignment layer -> stream
+        """
         self.check_messages(messages)
         dialogue = to_dialogue(messages)
-        chosen = self.skill_for(skill)
-        started = time.perf_counter()
-        trace: dict = {"skill": chosen.name, "forced": bool(skill), "steps": []}
-        prompt, kept = self._prompt(chosen, dialogue)
-        trace["steps"].append({"step": "prompt", "examples": prompt.examples, "dropped_examples": prompt.dropped,
-                               "history_turns": kept, "tokens": self.lm.count_tokens(prompt.text),
-                               "s": round(time.perf_counter() - started, 4)})
-        gen = chosen.generation
-        decoding = Sampling(gen.temperature, gen.top_p, gen.top_k, gen.repetition_penalty).with_overrides(
-            **(sampling or {}))
-        limit = max_tokens or gen.max_new_tokens
+        trace: dict = {"steps": []}
+        chosen = self._select(dialogue, skill, trace)
+        trace["skill"] = chosen.name
+        trace["forced"] = bool(skill)
         stats: dict = {}
-        pieces = self.lm.generate(prompt.text, stop=chosen.stop, max_new_tokens=limit, sampling=decoding,
-                                  prefix=prompt.prefix, stats=stats)
+        passages: list = []
+        notice = ""
+        if chosen.kind == "safety" and self.aligner is not None:
+            pieces, prompt_text, limit = self._aligned(messages, sampling, max_tokens, stats, trace,
+                                                       refusal=chosen.description)
+        else:
+            fields: dict = {"dialogue": dialogue[-self.settings.history_turns:]}
+            query = self._query(chosen, dialogue, trace)
+            if chosen.retriever != "none" and self.knowledge is not None:
+                started = time.perf_counter()
+                got = self.knowledge.fetch(chosen.retriever, query, user,
+                                           [chosen.speakers.user + ":", chosen.speakers.bot + ":"])
+                fields.update(got.fields)
+                passages = [_passage_dict(p) for p in got.passages]
+                _step(trace, "retrieve", started, retriever=chosen.retriever, query=query, passages=passages,
+                      error=got.error)
+                if got.error and chosen.retriever == "web":
+                    notice = self.messages.get("web_search_failed", "")
+            if chosen.aligned and self.aligner is not None:
+                pieces, prompt_text, limit = self._aligned(messages, sampling, max_tokens, stats, trace)
+            else:
+                pieces, prompt_text, limit = self._respond(chosen, fields, sampling, max_tokens, stats, trace)
+        started = time.perf_counter()
+        trace["passages"] = passages
 
         def finish(text: str) -> Reply:
             tokens = stats.get("tokens", 0)
-            trace["steps"].append({"step": "generate", "tokens": tokens, "finish": stats.get("finish"),
-                                   "s": round(time.perf_counter() - started, 4)})
-            return Reply(text=text, skill=chosen.name, prompt=prompt.text, trace=trace,
-                         finish_reason="length" if stats.get("finish") == "length" else "stop",
-                         prompt_tokens=trace["steps"][0]["tokens"], completion_tokens=tokens)
+            _step(trace, "generate", started, tokens=tokens, finish=stats.get("finish"))
+            reply = Reply(text=text, skill=chosen.name, prompt=prompt_text, passages=passages, trace=trace,
+                          finish_reason="length" if stats.get("finish") == "length" else "stop",
+                          prompt_tokens=trace.get("prompt_tokens", 0), completion_tokens=tokens)
+            if user and self.knowledge is not None and self.settings.memory:
+                self._remember(user, dialogue, trace)
+            return reply
 
-        return TurnStream(_drop_leading_space(pieces), finish)
+        stream = _with_notice(notice, _drop_leading_space(pieces))
+        return TurnStream(stream, finish)
 
-    def _prompt(self, skill: Skill, dialogue: list[list[str]]):
+    def _query(self, skill: Skill, dialogue, trace: dict) -> str:
+        """The retriever's query: the parser skill's output, or the user's last turn."""
+        last = dialogue[-1][0]
+        if not skill.query_skill or skill.query_skill not in self.skills:
+            return last
+        parser = self.skills.get(skill.query_skill)
+        started = time.perf_counter()
+        text = self._run_parser(parser, dialogue)
+        _step(trace, "parse", started, skill=parser.name, output=text)
+        return text.strip() or last
+
+    def _run_parser(self, parser: Skill, dialogue) -> str:
+        turns = [list(t) for t in dialogue[-self.settings.history_turns:]]
+        prompt = parser.prompt({"dialogue": turns}, budget_tokens=self._budget(),
+                               count_tokens=self.lm.count_tokens)
+        g = parser.generation
+        return "".join(self.lm.generate(prompt.text, stop=parser.stop, max_new_tokens=g.max_new_tokens,
+                                        sampling=Sampling(g.temperature, g.top_p, g.top_k, g.repetition_penalty),
+                                        prefix=prompt.prefix))
+
+    def _remember(self, user: str, dialogue, trace: dict) -> None:
+        """The persona-extraction parser reads the user's turn; the facts it finds go to long-term memory."""
+        name = self.settings.memory_skill
+        if name not in self.skills:
+            return
+        started = time.perf_counter()
+        try:
+            text = self._run_parser(self.skills.get(name), [[dialogue[-1][0], ""]])
+            facts = [f.strip() for f in text.split(self.messages.get("fact_separator", "|"))
+                     if f.strip() and f.strip().lower() not in self.messages.get("no_facts", ["none"])]
+            added = self.knowledge.remember(user, facts)
+            _step(trace, "remember", started, facts=facts, added=len(added))
+        except Exception as exc:  # noqa: BLE001 - memory is best effort; the reply already went out
+            log.warning("memory update failed: %s", exc)
+            _step(trace, "remember", started, error=str(exc))
+
+    def _budget(self) -> int:
+        return min(self.settings.context_tokens, self.lm.context_length)
+
+    def _respond(self, skill: Skill, fields: dict, sampling, max_tokens, stats, trace):
+        started = time.perf_counter()
+        prompt, kept = self._prompt(skill, fields)
+        trace["prompt_tokens"] = self.lm.count_tokens(prompt.text)
+        _step(trace, "prompt", started, examples=prompt.examples, dropped_examples=prompt.dropped,
+              history_turns=kept, tokens=trace["prompt_tokens"])
+        gen = skill.generation
+        decoding = Sampling(gen.temperature, gen.top_p, gen.top_k, gen.repetition_penalty).with_overrides(
+            **(sampling or {}))
+        limit = max_tokens or gen.max_new_tokens
+        pieces = self.lm.generate(prompt.text, stop=skill.stop, max_new_tokens=limit, sampling=decoding,
+                                  prefix=prompt.prefix, stats=stats)
+        return pieces, prompt.text, limit
+
+    def _aligned(self, messages, sampling, max_tokens, stats, trace, refusal: str | None = None):
+        """The alignment layer answers (or, for a safety skill, declines in the assistant's own style)."""
+        started = time.perf_counter()
+        convo = [(m["role"], m["content"]) for m in messages if m["role"] in ("user", "assistant")]
+        overrides = {k: v for k, v in (sampling or {}).items() if v is not None}
+        if max_tokens:
+            overrides["max_new_tokens"] = max_tokens
+        streamed = (self.aligner.refuse(convo, refusal, overrides) if refusal is not None
+                    else self.aligner.answer(convo, overrides))
+        reply = streamed.reply
+        trace["prompt_tokens"] = self.lm.count_tokens(reply.prompt.text)
+        _step(trace, "align", started, refusal=refusal is not None, tokens=trace["prompt_tokens"])
+
+        def pieces():
+            yield from streamed
+            stats.update(tokens=self.lm.count_tokens(reply.text), finish=reply.finish or "stop")
+
+        return pieces(), reply.prompt.text, reply.max_new_tokens
+
+    def _prompt(self, skill: Skill, fields: dict):
         """The skill's prompt with the most recent history that fits the context budget."""
-        budget = min(self.settings.context_tokens, self.lm.context_length)
-        turns = dialogue[-self.settings.history_turns:]
+        budget = self._budget()
+        turns = fields["dialogue"]
         while True:
-            prompt = skill.prompt({"dialogue": turns}, budget_tokens=budget, count_tokens=self.lm.count_tokens)
+            prompt = skill.prompt({**fields, "dialogue": turns}, budget_tokens=budget,
+                                  count_tokens=self.lm.count_tokens)
             if len(turns) == 1 or self.lm.count_tokens(prompt.text) + skill.generation.max_new_tokens <= budget:
                 return prompt, len(turns)
             turns = turns[1:]
 
     # ------------------------------------------------------------------------------------------- sessions
-    def chat(self, session_id: str, message: str, skill: str | None = None, **kw) -> TurnStream:
+    def chat(self, session_id: str, message: str, skill: str | None = None, user: str | None = None,
+             **kw) -> TurnStream:
         """A turn in a stored session: the user's message is saved first, the reply with its trace after."""
         if self.store is None:
             raise RuntimeError("this bot has no store")
         session = self.store.session(session_id)
         history = [{"role": m["role"], "content": m["content"]} for m in self.store.messages(session_id)]
         messages = history + [{"role": "user", "content": message}]
-        stream = self.turn(messages, skill=skill or session["skill"] or None, **kw)
+        stream = self.turn(messages, skill=skill or session["skill"] or None,
+                           user=session["user"] if user is None else user, **kw)
         self.store.add_message(session_id, "user", message)
         inner = stream._finish
 
@@ -182,6 +309,22 @@ class Bot:
 
         stream._finish = finish
         return stream
+
+
+def _step(trace: dict, name: str, started: float, **info) -> None:
+    trace["steps"].append({"step": name, **{k: v for k, v in info.items() if v is not None},
+                           "s": round(time.perf_counter() - started, 4)})
+
+
+def _passage_dict(p) -> dict:
+    return {"text": p.text, "source": p.source, "title": p.title, "score": round(float(p.score), 4),
+            "untrusted": bool(p.meta.get("untrusted", False))}
+
+
+def _with_notice(notice: str, pieces: Iterator[str]) -> Iterator[str]:
+    if notice:
+        yield notice + " "
+    yield from pieces
 
 
 def _drop_leading_space(pieces: Iterator[str]) -> Iterator[str]:

@@ -9,20 +9,38 @@ from .settings import Settings
 log = logging.getLogger("fsb")
 
 
-def build_bot(settings: Settings, lm=None):
-    """The `Bot` with its model (loaded unless given), skill registry and store."""
+def build_bot(settings: Settings, lm=None, embedder=None, web=None):
+    """The `Bot` with its model (loaded unless given), skills, store, selector, alignment layer and retrievers."""
+    import yaml
+
+    from retrievers import WebSearch, default_embedder
+
+    from .align import Aligner
     from .bot import Bot
     from .db import open_db
+    from .knowledge import Knowledge
     from .lm import load_lm
+    from .selector import Selector, SelectorLayout, registry_source
     from .skills import SkillRegistry
     from .storage import Store
 
     skills = SkillRegistry(settings.skills_dir)
     for err in skills.errors:
         print(f"[fsb] skill file problem: {err}", file=sys.stderr)
-    store = Store(open_db(settings.db_path))
+    db = open_db(settings.db_path)
+    store = Store(db)
     lm = lm or load_lm(settings)
-    return Bot(settings, lm, skills, store)
+    embedder = embedder or default_embedder()
+    knowledge = Knowledge(db, embedder, web=web or WebSearch(db, backend=settings.web_backend))
+    selector = None
+    if settings.selector != "off":
+        selector = Selector(registry_source(skills, include_safety=True), lm=lm, embedder=embedder,
+                            layout=SelectorLayout.load(settings.prompts_dir / "selector.yaml"),
+                            method=settings.selector, fallback=settings.fallback_skill or None)
+    aligner = Aligner(lm, settings, variant=settings.align_variant)
+    messages = yaml.safe_load((settings.prompts_dir / "messages.yaml").read_text(encoding="utf-8"))
+    return Bot(settings, lm, skills, store, selector=selector, aligner=aligner, knowledge=knowledge,
+               messages=messages)
 
 
 def build_app(settings: Settings, lm=None, bot=None):

@@ -32,6 +32,12 @@ class Settings:
     skills_dir: Path = REPO_ROOT / "skills"
     prompts_dir: Path = REPO_ROOT / "prompts"
     default_skill: str = "persona"
+    selector: str = "best"  # prompt | embedding | hybrid | best | off
+    fallback_skill: str = ""  # answers when no selector score is confident ("" = keep the winner)
+    align_variant: str = "short"  # prompts/align-<variant>.yaml
+    memory: bool = True  # extract facts from user turns into long-term memory (needs a user)
+    memory_skill: str = "msc-parse"
+    web_backend: str = "auto"  # ddgs backend for web search
     max_message_chars: int = 8000
     max_messages: int = 200
     max_request_bytes: int = 1_000_000
@@ -80,4 +86,10 @@ def _coerce(f: dataclasses.Field, raw: str):
             raise ValueError(f"FSB_{f.name.upper()} must be a whole number, got {raw!r}") from None
     if kind == "Path":
         return Path(raw)
+    if kind == "bool":
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"FSB_{f.name.upper()} must be on or off, got {raw!r}")
     return raw

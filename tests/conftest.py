@@ -21,7 +21,7 @@ def tiny_lm():
 
 @pytest.fixture
 def settings(tmp_path) -> Settings:
-    return Settings.load(env={}, model="tiny", data_dir=tmp_path / "data")
+    return Settings.load(env={}, model="tiny", data_dir=tmp_path / "data", selector="off")
 
 
 @pytest.fixture(scope="session")

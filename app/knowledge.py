@@ -1,0 +1,69 @@
+"""Knowledge for a turn: the skill's retriever, asked with the parser's query, turned into the skill's prompt fields.
+
+Retrieved text is data, never instructions: every passage is neutralised before it reaches a prompt (folded onto one
+line so it cannot start a dialogue line or close a block, speaker and layout markers broken, length capped), and the
+skill templates put it under a labelled header, apart from the dialogue.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+from retrievers import KnowledgeBase, KnowledgeGraph, LongTermMemory, Passage, RetrieverError, WebSearch
+
+log = logging.getLogger(__name__)
+
+FIELD_FOR = {"kb": "knowledge", "web": "knowledge", "kg": "knowledge", "memory": "user_memory"}
+_ZWSP = "\u200b"
+
+
+@dataclass
+class Retrieved:
+    fields: dict = field(default_factory=dict)
+    passages: list[Passage] = field(default_factory=list)
+    error: str | None = None
+
+
+def neutralise(text: str, markers: list[str], limit: int = 600) -> str:
+    """One line, markers broken with a zero-width space, at most ``limit`` characters."""
+    text = " ".join(text.split())
+    for marker in markers:
+        if marker:
+            text = re.sub(re.escape(marker), lambda m: m.group(0)[0] + _ZWSP + m.group(0)[1:], text,
+                          flags=re.IGNORECASE)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class Knowledge:
+    """The four sources over one database; ``fetch`` answers a skill's retriever with prompt fields and passages."""
+
+    def __init__(self, db, embedder, web: WebSearch | None = None, k: int = 3):
+        self.kb = KnowledgeBase(db, embedder)
+        self.kg = KnowledgeGraph(db)
+        self.web = web or WebSearch(db)
+        self.memory = LongTermMemory(db, embedder)
+        self.k = k
+
+    def fetch(self, retriever: str, query: str, user: str, markers: list[str]) -> Retrieved:
+        if retriever == "none" or not query.strip():
+            return Retrieved()
+        try:
+            if retriever == "kb":
+                passages = self.kb.search(query, k=self.k)
+            elif retriever == "web":
+                passages = self.web.search(query, k=self.k)
+            elif retriever == "kg":
+                passages = self.kg.lookup_paths(query, k=self.k * 2) or self.kg.search(query, k=self.k * 2)
+            elif retriever == "memory":
+                passages = self.memory.search(query, k=5, user=user) if user else []
+            else:
+                return Retrieved(error=f"unknown retriever {retriever!r}")
+        except RetrieverError as exc:
+            log.warning("retriever %s failed: %s", retriever, exc)
+            return Retrieved(error=str(exc))
+        texts = [neutralise(p.text, markers) for p in passages]
+        return Retrieved({FIELD_FOR[retriever]: texts}, passages)
+
+    def remember(self, user: str, facts: list[str]) -> list:
+        return self.memory.add(user, facts) if user and facts else []
