@@ -25,6 +25,12 @@ MODEL_AUTO = "fsb"
 
 
 # ------------------------------------------------------------------------------------------------ schemas
+class NotFound(Exception):
+    def __init__(self, message: str, param: str | None = None, code: str = "not_found"):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: StrictStr
@@ -120,13 +126,68 @@ class _TooLarge(Exception):
     pass
 
 
+def parse_keys(spec: str) -> dict[str, str]:
+    """``FSB_API_KEY``: one key (its user is "default") or ``user:key,user:key``; returns key -> user."""
+    keys: dict[str, str] = {}
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        user, _, key = item.rpartition(":")
+        keys[key] = user or "default"
+    return keys
+
+
+class KeyAuth:
+    """Pure ASGI middleware: with keys configured, every API route needs ``Authorization: Bearer <key>`` (or
+    ``X-API-Key``); the caller's user name goes to ``scope["state"]["user"]``. The web chat is guarded by Gradio's own
+    login (see `app.server`), ``/healthz`` stays open for probes."""
+
+    GUARDED = ("/v1", "/api", "/docs", "/redoc", "/openapi.json")
+
+    def __init__(self, app, keys: dict[str, str]):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.keys or not scope["path"].startswith(self.GUARDED):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get(b"x-api-key", b"").decode(
+            "latin-1")
+        user = self.keys.get(key)
+        if user is None:
+            body = json.dumps({"error": {"message": "a valid API key is required (Authorization: Bearer <key>)",
+                                         "type": "invalid_request_error", "param": None,
+                                         "code": "invalid_api_key"}}).encode()
+            await send({"type": "http.response.start", "status": 401, "headers": [
+                (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+                (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        scope.setdefault("state", {})["user"] = user
+        await self.app(scope, receive, send)
+
+
 # ---------------------------------------------------------------------------------------------------- app
 def create_app(bot: Bot, settings) -> FastAPI:
     """The FastAPI app with every API route; the web chat is mounted on it by `app.server`."""
     app = FastAPI(title="Few-Shot Bot", version="0.1.0",
                   description="A conversational agent whose every skill is learned from a few examples in a prompt.")
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(KeyAuth, keys=parse_keys(settings.api_key))
     app.state.bot = bot
+    auth_on = bool(parse_keys(settings.api_key))
+
+    def caller(request: Request, asked: str | None = None) -> str:
+        """The user a request acts for: its key's user when keys are on, else the ``user`` it names."""
+        return request.scope.get("state", {}).get("user", "") if auth_on else (asked or "")
+
+    def owned_session(request: Request, session_id: str) -> dict:
+        session = bot.store.session(session_id)
+        if auth_on and session["user"] != caller(request):
+            raise SessionNotFound(f"no session {session_id!r}")  # another user's session does not exist for you
+        return session
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -147,6 +208,10 @@ def create_app(bot: Bot, settings) -> FastAPI:
     async def _no_session(request: Request, exc: SessionNotFound):
         return error_response(404, exc.args[0], param="session_id", code="session_not_found")
 
+    @app.exception_handler(NotFound)
+    async def _not_found(request: Request, exc: NotFound):
+        return error_response(404, str(exc), param=exc.param, code=exc.code)
+
     @app.get("/healthz", tags=["service"])
     def healthz() -> dict:
         return {"status": "ok", "model": bot.lm.name, "skills": len(bot.skills.all())}
@@ -159,17 +224,18 @@ def create_app(bot: Bot, settings) -> FastAPI:
                                            for n in names]}
 
     @app.post("/v1/chat/completions", tags=["openai"])
-    def chat_completions(req: ChatCompletionRequest):
+    def chat_completions(req: ChatCompletionRequest, request: Request):
         skill = _skill_from_model(req.model, bot)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         sampling = {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}
         limit = req.max_completion_tokens or req.max_tokens
+        user = caller(request, req.user)
         if req.session_id:
-            bot.store.session(req.session_id)
+            owned_session(request, req.session_id)
             stream = bot.chat(req.session_id, messages[-1]["content"] if messages else "", skill=skill,
-                              sampling=sampling, max_tokens=limit)
+                              sampling=sampling, max_tokens=limit, user=user)
         else:
-            stream = bot.turn(messages, skill=skill, sampling=sampling, max_tokens=limit)
+            stream = bot.turn(messages, skill=skill, sampling=sampling, max_tokens=limit, user=user)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if req.stream:
             return StreamingResponse(_sse(stream, cid, req.model), media_type="text/event-stream",
@@ -186,24 +252,52 @@ def create_app(bot: Bot, settings) -> FastAPI:
         }
 
     @app.post("/api/chat", tags=["native"])
-    def native_chat(req: NativeChatRequest) -> dict:
+    def native_chat(req: NativeChatRequest, request: Request) -> dict:
         """One turn in a stored session (created when ``session_id`` is absent): reply, skill, sources and trace."""
         if req.skill is not None:
             bot.skill_for(req.skill)
-        sid = req.session_id or bot.store.create_session(user=req.user)
-        stream = bot.chat(sid, req.message, skill=req.skill)
+        user = caller(request, req.user)
+        if req.session_id:
+            owned_session(request, req.session_id)
+        sid = req.session_id or bot.store.create_session(user=user)
+        stream = bot.chat(sid, req.message, skill=req.skill, user=user)
         text = stream.text()
         reply = stream.reply
         return {"session_id": sid, "reply": text, "skill": reply.skill, "sources": reply.passages,
                 "trace": reply.trace}
 
     @app.get("/api/sessions", tags=["native"])
-    def list_sessions(user: str | None = None) -> list[dict]:
-        return bot.store.sessions(user=user)
+    def list_sessions(request: Request, user: str | None = None) -> list[dict]:
+        return bot.store.sessions(user=caller(request) if auth_on else user)
 
     @app.get("/api/sessions/{session_id}", tags=["native"])
-    def get_session(session_id: str) -> dict:
-        return {**bot.store.session(session_id), "messages": bot.store.messages(session_id)}
+    def get_session(session_id: str, request: Request) -> dict:
+        return {**owned_session(request, session_id), "messages": bot.store.messages(session_id)}
+
+    def memory_user(request: Request, user: str | None) -> str:
+        who = caller(request, user)
+        if not who:
+            raise BadRequest("name the user whose memories to read (?user=...)", "user")
+        return who
+
+    @app.get("/api/memory", tags=["native"])
+    def list_memory(request: Request, user: str | None = None) -> list[dict]:
+        """What the bot keeps about a user (the caller's own when API keys are on)."""
+        who = memory_user(request, user)
+        return [vars(f) for f in bot.knowledge.memory.list(who)] if bot.knowledge else []
+
+    @app.delete("/api/memory", tags=["native"])
+    def forget_all(request: Request, user: str | None = None) -> dict:
+        who = memory_user(request, user)
+        return {"deleted": bot.knowledge.memory.forget(who) if bot.knowledge else 0}
+
+    @app.delete("/api/memory/{fact_id}", tags=["native"])
+    def forget_one(fact_id: int, request: Request, user: str | None = None) -> dict:
+        who = memory_user(request, user)
+        deleted = bot.knowledge.memory.forget(who, fact_id) if bot.knowledge else 0
+        if not deleted:
+            raise NotFound(f"no memory {fact_id} for this user", "fact_id", "memory_not_found")
+        return {"deleted": deleted}
 
     @app.get("/api/skills", tags=["native"])
     def skills() -> list[dict[str, Any]]:

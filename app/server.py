@@ -47,12 +47,17 @@ def build_app(settings: Settings, lm=None, bot=None):
     """The FastAPI app: API routes first, then the Gradio chat mounted at ``/``."""
     import gradio as gr
 
-    from .api import create_app
+    from .api import create_app, parse_keys
     from .ui import build_ui
 
     bot = bot or build_bot(settings, lm)
     app = create_app(bot, settings)
-    return gr.mount_gradio_app(app, build_ui(bot), path="/")
+    keys = parse_keys(settings.api_key)
+    # With API keys on, the web chat asks for a login: user name and that user's key (Gradio then guards its own
+    # routes, the queue and file routes included).
+    auth = (lambda username, password: keys.get(password) == username) if keys else None
+    return gr.mount_gradio_app(app, build_ui(bot), path="/", auth=auth,
+                               auth_message="Sign in with your user name and API key." if keys else None)
 
 
 def serve(settings: Settings) -> None:

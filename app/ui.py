@@ -20,20 +20,27 @@ def build_ui(bot: Bot) -> gr.Blocks:
     def skill_choices() -> list[str]:
         return [AUTO] + sorted(s.name for s in bot.skills.all() if s.kind == "response")
 
-    def session_choices() -> list[tuple[str, str]]:
-        return [(f"{s['title'] or '(empty)'} · {s['updated'][:16].replace('T', ' ')}", s["id"])
-                for s in store.sessions(limit=30)]
+    def user_of(request: gr.Request | None) -> str:
+        return (getattr(request, "username", None) or "") if request is not None else ""
 
-    def load_session(session_id: str | None):
-        if not session_id:
+    def session_choices(user: str = "") -> list[tuple[str, str]]:
+        return [(f"{s['title'] or '(empty)'} · {s['updated'][:16].replace('T', ' ')}", s["id"])
+                for s in store.sessions(user=user, limit=30)]
+
+    def load_session(session_id: str | None, request: gr.Request):
+        if not session_id or store.session(session_id)["user"] != user_of(request):
             return [], None, ""
         history = [{"role": m["role"], "content": m["content"]} for m in store.messages(session_id)]
         return history, session_id, ""
 
-    def new_chat():
-        return [], None, "", gr.update(choices=session_choices(), value=None)
+    def new_chat(request: gr.Request):
+        return [], None, "", gr.update(choices=session_choices(user_of(request)), value=None)
 
-    def respond(message: str, history: list, session_id: str | None, skill: str):
+    def refresh_sessions(request: gr.Request):
+        return gr.update(choices=session_choices(user_of(request)))
+
+    def respond(message: str, history: list, session_id: str | None, skill: str, request: gr.Request):
+        user = user_of(request)
         message = (message or "").strip()
         if not message:
             yield history, session_id, "", gr.update()
@@ -42,8 +49,8 @@ def build_ui(bot: Bot) -> gr.Blocks:
         yield history, session_id, "", gr.update()
         try:
             if not session_id:
-                session_id = store.create_session(title=message[:60])
-            stream = bot.chat(session_id, message, skill=None if skill == AUTO else skill)
+                session_id = store.create_session(user=user, title=message[:60])
+            stream = bot.chat(session_id, message, skill=None if skill == AUTO else skill, user=user)
             history.append({"role": "assistant", "content": ""})
             for piece in stream:
                 history[-1]["content"] += piece
@@ -51,7 +58,7 @@ def build_ui(bot: Bot) -> gr.Blocks:
             reply = stream.reply
             sources = ", ".join(p.get("source", "") if isinstance(p, dict) else str(p) for p in reply.passages)
             info = f"skill: **{reply.skill}**" + (f" · sources: {sources}" if sources else "")
-            yield history, session_id, info, gr.update(choices=session_choices(), value=session_id)
+            yield history, session_id, info, gr.update(choices=session_choices(user), value=session_id)
         except Exception as exc:  # noqa: BLE001 - shown to the user as a message, never a blank page
             log.exception("web chat turn failed")
             if history and history[-1]["role"] == "assistant" and not history[-1]["content"]:
@@ -65,7 +72,7 @@ def build_ui(bot: Bot) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1, min_width=220):
                 new_btn = gr.Button("New chat")
-                sessions = gr.Dropdown(label="Past chats", choices=session_choices(), value=None, interactive=True,
+                sessions = gr.Dropdown(label="Past chats", choices=[], value=None, interactive=True,
                                        elem_id="fsb-sessions")
                 skill = gr.Dropdown(label="Skill", choices=skill_choices(), value=AUTO, elem_id="fsb-skill")
             with gr.Column(scale=4):
@@ -79,4 +86,5 @@ def build_ui(bot: Bot) -> gr.Blocks:
         send.click(respond, [box, chatbot, session_state, skill], outputs).then(lambda: "", None, box)
         new_btn.click(new_chat, None, [chatbot, session_state, info, sessions])
         sessions.input(load_session, sessions, [chatbot, session_state, info])
+        demo.load(refresh_sessions, None, sessions)
     return demo
