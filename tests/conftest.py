@@ -71,3 +71,7 @@ def live_server(settings, tiny_lm):
     with LiveServer(build_app(settings, bot=bot)) as server:
         server.bot = bot
         yield server
+
+
+# The stand-in web search engine (ddgs' own engine code pointed at a loopback server) for every test directory.
+from tests.retrievers.conftest import engines, search_server  # noqa: E402,F401
