@@ -12,6 +12,28 @@ from .bot import Bot
 
 log = logging.getLogger(__name__)
 AUTO = "auto"
+LOCAL_USER = "web"  # the web chat's user when no API keys are configured (a single-user local install)
+
+
+def sources_note(skill: str, passages: list[dict]) -> dict:
+    """The small message under a reply: the skill that answered and the sources it used (links for web pages)."""
+    lines = []
+    for p in passages:
+        src = p.get("source", "")
+        label = p.get("title") or src
+        lines.append(f"- [{label}]({src})" if src.startswith(("http://", "https://")) else f"- {label}")
+    return {"role": "assistant", "content": "\n".join(lines) or "no sources",
+            "metadata": {"title": f"skill: {skill}" + (f" · {len(passages)} sources" if passages else "")}}
+
+
+def transcript(messages: list[dict]) -> list[dict]:
+    """Stored messages as chat bubbles, each reply followed by its skill and sources."""
+    out = []
+    for m in messages:
+        out.append({"role": m["role"], "content": m["content"]})
+        if m["role"] == "assistant" and m.get("skill"):
+            out.append(sources_note(m["skill"], (m.get("trace") or {}).get("passages", [])))
+    return out
 
 
 def build_ui(bot: Bot) -> gr.Blocks:
@@ -21,7 +43,19 @@ def build_ui(bot: Bot) -> gr.Blocks:
         return [AUTO] + sorted(s.name for s in bot.skills.all() if s.kind == "response")
 
     def user_of(request: gr.Request | None) -> str:
-        return (getattr(request, "username", None) or "") if request is not None else ""
+        return (getattr(request, "username", None) if request is not None else None) or LOCAL_USER
+
+    def memory_view(request: gr.Request):
+        facts = bot.knowledge.memory.list(user_of(request)) if bot.knowledge else []
+        return "\n".join(f"- `#{f.id}` {f.text}" for f in facts) or "_Nothing remembered yet._"
+
+    def forget_everything(request: gr.Request):
+        return forget(None, request)
+
+    def forget(fact_id, request: gr.Request):
+        if bot.knowledge:
+            bot.knowledge.memory.forget(user_of(request), int(fact_id) if fact_id else None)
+        return memory_view(request)
 
     def session_choices(user: str = "") -> list[tuple[str, str]]:
         return [(f"{s['title'] or '(empty)'} · {s['updated'][:16].replace('T', ' ')}", s["id"])
@@ -30,8 +64,7 @@ def build_ui(bot: Bot) -> gr.Blocks:
     def load_session(session_id: str | None, request: gr.Request):
         if not session_id or store.session(session_id)["user"] != user_of(request):
             return [], None, ""
-        history = [{"role": m["role"], "content": m["content"]} for m in store.messages(session_id)]
-        return history, session_id, ""
+        return transcript(store.messages(session_id)), session_id, ""
 
     def new_chat(request: gr.Request):
         return [], None, "", gr.update(choices=session_choices(user_of(request)), value=None)
@@ -56,8 +89,8 @@ def build_ui(bot: Bot) -> gr.Blocks:
                 history[-1]["content"] += piece
                 yield history, session_id, "", gr.update()
             reply = stream.reply
-            sources = ", ".join(p.get("source", "") if isinstance(p, dict) else str(p) for p in reply.passages)
-            info = f"skill: **{reply.skill}**" + (f" · sources: {sources}" if sources else "")
+            history.append(sources_note(reply.skill, reply.passages))
+            info = f"skill: **{reply.skill}**"
             yield history, session_id, info, gr.update(choices=session_choices(user), value=session_id)
         except Exception as exc:  # noqa: BLE001 - shown to the user as a message, never a blank page
             log.exception("web chat turn failed")
@@ -75,6 +108,12 @@ def build_ui(bot: Bot) -> gr.Blocks:
                 sessions = gr.Dropdown(label="Past chats", choices=[], value=None, interactive=True,
                                        elem_id="fsb-sessions")
                 skill = gr.Dropdown(label="Skill", choices=skill_choices(), value=AUTO, elem_id="fsb-skill")
+                with gr.Accordion("What I remember about you", open=False, elem_id="fsb-memory"):
+                    memory = gr.Markdown("_Nothing remembered yet._", elem_id="fsb-memory-list")
+                    fact_id = gr.Number(label="Fact #", precision=0, value=None)
+                    with gr.Row():
+                        forget_one = gr.Button("Forget #", size="sm")
+                        forget_all = gr.Button("Forget all", size="sm", variant="stop", elem_id="fsb-forget-all")
             with gr.Column(scale=4):
                 chatbot = gr.Chatbot(label="Chat", height=480, elem_id="fsb-chat")
                 info = gr.Markdown("", elem_id="fsb-info")
@@ -82,9 +121,12 @@ def build_ui(bot: Bot) -> gr.Blocks:
                     box = gr.Textbox(placeholder="Say something…", show_label=False, scale=5, elem_id="fsb-input")
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="fsb-send")
         outputs = [chatbot, session_state, info, sessions]
-        box.submit(respond, [box, chatbot, session_state, skill], outputs).then(lambda: "", None, box)
-        send.click(respond, [box, chatbot, session_state, skill], outputs).then(lambda: "", None, box)
+        for trigger in (box.submit, send.click):
+            trigger(respond, [box, chatbot, session_state, skill], outputs).then(lambda: "", None, box).then(
+                memory_view, None, memory)
         new_btn.click(new_chat, None, [chatbot, session_state, info, sessions])
         sessions.input(load_session, sessions, [chatbot, session_state, info])
-        demo.load(refresh_sessions, None, sessions)
+        demo.load(refresh_sessions, None, sessions).then(memory_view, None, memory)
+        forget_one.click(forget, fact_id, memory)
+        forget_all.click(forget_everything, None, memory)
     return demo

@@ -34,9 +34,10 @@ def test_typing_a_message_shows_a_streamed_reply_and_stores_the_session(page, li
     chat.get_by_text("hello, who are you?").wait_for(timeout=30_000)
     page.locator("#fsb-info").get_by_text("skill:").wait_for(timeout=60_000)
     bot_messages = chat.locator(".bot, [data-testid='bot']")
-    assert bot_messages.count() >= 1
-    reply = bot_messages.last.inner_text().strip()
+    assert bot_messages.count() >= 2  # the reply, then its skill and sources
+    reply = bot_messages.first.inner_text().strip()
     assert reply
+    chat.get_by_text("skill: persona").wait_for(timeout=10_000)
     stored = live_server.bot.store.sessions()
     assert len(stored) == 1
     messages = live_server.bot.store.messages(stored[0]["id"])
@@ -55,3 +56,15 @@ def test_an_error_shows_as_a_message_not_a_blank_page(page, live_server, monkeyp
     box.press("Enter")
     page.locator("#fsb-chat").get_by_text("simulated").wait_for(timeout=30_000)
     assert page.locator("#fsb-input textarea").is_visible()
+
+
+def test_memory_panel_shows_and_forgets_what_the_bot_keeps(page, live_server):
+    from app.ui import LOCAL_USER
+
+    live_server.bot.knowledge.memory.add(LOCAL_USER, ["I grow tomatoes on my balcony."])
+    page.reload(wait_until="load")
+    page.get_by_text("What I remember about you").click()
+    page.locator("#fsb-memory-list").get_by_text("I grow tomatoes on my balcony.").wait_for(timeout=20_000)
+    page.locator("#fsb-forget-all").click()
+    page.locator("#fsb-memory-list").get_by_text("Nothing remembered yet").wait_for(timeout=20_000)
+    assert live_server.bot.knowledge.memory.list(LOCAL_USER) == []
