@@ -16,7 +16,8 @@ def load_lm(settings, progress=None) -> LM:
 
     ``embedded:gemma-3-270m`` (the default) converts the packaged GGUF once into ``<data_dir>/models`` and loads that;
     ``tiny`` builds a random 4-layer model in code (tests, demos); anything else is a Hugging Face model id or a local
-    folder, loaded with transformers (``device_map`` through accelerate on GPUs).
+    folder, loaded with transformers (``device_map`` through accelerate on GPUs); ``openai:URL`` is an OpenAI-compatible
+    completions server (vLLM, llama.cpp) reached over HTTP (`RemoteLM`, docs/scaling.md).
     """
     import torch
 
@@ -24,6 +25,12 @@ def load_lm(settings, progress=None) -> LM:
         torch.set_num_threads(settings.threads)
     started = time.perf_counter()
     name = settings.model
+    # ---- remote backend (app/lm/remote.py): "openai:URL[#model=NAME&context=N]" -------------------------------
+    if name.startswith("openai:"):
+        from .remote import RemoteLM
+
+        return RemoteLM.from_spec(name)
+    # ---- end remote backend --------------------------------------------------------------------------------------
     if name == "tiny":
         from .tiny import build_tiny_lm, corpus_from
 

@@ -70,7 +70,14 @@ class TransformersLM:
                                                          device_map="auto" if device == "auto" else device, **kw)
         else:  # no device_map on CPU: accelerate's dispatch costs seconds there and buys nothing
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kw)
-        return cls(model, tokenizer, name=str(name_or_path), prefix_cache_entries=prefix_cache_entries)
+        lm = cls(model, tokenizer, name=str(name_or_path), prefix_cache_entries=prefix_cache_entries)
+        # ---- fast path hook (app/lm/fast.py): static KV cache + compiled decode for single streams, CUDA only ----
+        if cuda:
+            from .fast import enable_fast_path
+
+            enable_fast_path(lm)
+        # ---- end fast path hook ----
+        return lm
 
     @property
     def device(self) -> torch.device:
@@ -134,6 +141,13 @@ class TransformersLM:
 
         ``stats``, when given, is filled with ``tokens`` (generated) and ``finish`` ("stop", "eos" or "length").
         """
+        # ---- fast path hook (app/lm/fast.py): a free static cache takes single streams; else the loop below ----
+        fast = getattr(self, "fast", None)
+        pieces = None if fast is None else fast.try_generate(prompt, stop, max_new_tokens, sampling, prefix, stats)
+        if pieces is not None:
+            yield from pieces
+            return
+        # ---- end fast path hook ----
         for _, piece in self.generate_batch([prompt], stop, max_new_tokens, sampling, prefix,
                                             stats=None if stats is None else [stats]):
             yield piece
