@@ -32,6 +32,8 @@ def build_bot(settings: Settings, lm=None, embedder=None, web=None):
     lm = lm or load_lm(settings)
     embedder = embedder or default_embedder()
     knowledge = Knowledge(db, embedder, web=web or WebSearch(db, backend=settings.web_backend))
+    if settings.starter_kb and not knowledge.kb.list():
+        _ingest_starter_kb(knowledge)
     selector = None
     if settings.selector != "off":
         selector = Selector(registry_source(skills, include_safety=True), lm=lm, embedder=embedder,
@@ -41,6 +43,17 @@ def build_bot(settings: Settings, lm=None, embedder=None, web=None):
     messages = yaml.safe_load((settings.prompts_dir / "messages.yaml").read_text(encoding="utf-8"))
     return Bot(settings, lm, skills, store, selector=selector, aligner=aligner, knowledge=knowledge,
                messages=messages)
+
+
+def _ingest_starter_kb(knowledge) -> None:
+    """The shipped starter documents, so knowledge-grounded skills answer out of the box (once, into an empty KB)."""
+    from retrievers import starter_kb_dir
+    from retrievers.kb import expand_paths
+
+    paths = expand_paths([starter_kb_dir()])
+    print(f"[fsb] indexing the starter knowledge base ({len(paths)} documents)", file=sys.stderr, flush=True)
+    for path in paths:
+        knowledge.kb.add(path)
 
 
 def build_app(settings: Settings, lm=None, bot=None):

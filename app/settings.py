@@ -38,6 +38,7 @@ class Settings:
     memory: bool = True  # extract facts from user turns into long-term memory (needs a user)
     memory_skill: str = "msc-parse"
     web_backend: str = "auto"  # ddgs backend for web search
+    starter_kb: bool = True  # index the shipped starter documents into an empty knowledge base
     max_message_chars: int = 8000
     max_messages: int = 200
     max_request_bytes: int = 1_000_000

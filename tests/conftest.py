@@ -21,7 +21,8 @@ def tiny_lm():
 
 @pytest.fixture
 def settings(tmp_path) -> Settings:
-    return Settings.load(env={}, model="tiny", data_dir=tmp_path / "data", selector="off")
+    return Settings.load(env={}, model="tiny", data_dir=tmp_path / "data", selector="off",
+                         starter_kb=False)
 
 
 @pytest.fixture(scope="session")

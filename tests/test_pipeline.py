@@ -95,3 +95,14 @@ def test_a_forced_skill_wins_over_the_selector(settings, tiny_lm):
     stream = bot.turn(MSG, skill="ed", max_tokens=2)
     stream.text()
     assert stream.reply.skill == "ed" and stream.reply.trace["selection"]["method"] == "forced"
+
+
+def test_the_starter_knowledge_base_is_indexed_on_first_start_only(settings, tiny_lm):
+    from retrievers import starter_kb_dir
+
+    bot = make_bot(settings, tiny_lm, starter_kb=True)
+    shipped = sorted(p.name for p in starter_kb_dir().glob("*.md"))
+    indexed = sorted(d.path.rsplit("/", 1)[-1] for d in bot.knowledge.kb.list())
+    assert indexed == shipped and len(shipped) >= 5
+    again = make_bot(settings, tiny_lm, starter_kb=True)
+    assert len(again.knowledge.kb.list()) == len(shipped)
