@@ -157,25 +157,38 @@ def candidates_from_skills(skills: Iterable) -> list[Candidate]:
 
 def registry_source(registry, include_safety: bool = False) -> Callable[[], list[Candidate]]:
     """Candidates from a `SkillRegistry`, re-read on every call (so a new or edited skill file counts at once)."""
-    memo: dict[int, list[Candidate]] = {}
 
     def source() -> list[Candidate]:
         skills = registry.all(kind="response") + (registry.all(kind="safety") if include_safety else [])
-        key = hash(tuple(id(s) for s in skills))  # the registry hands out new Skill objects after a reload
-        if key not in memo:
-            memo.clear()
-            memo[key] = candidates_from_skills(skills)
-        return memo[key]
+        return candidates_from_skills(skills)
 
     return source
 
 
 # ------------------------------------------------------------------------------------------------- scorers
-class PromptScorer:
-    """Mean log-probability per token of the history under each candidate's selector prompt."""
+def fast_bf16() -> bool:
+    """True where bfloat16 matrix products are fast: a CUDA GPU, or a CPU with AMX or AVX512-BF16."""
+    import torch
 
-    def __init__(self, lm, layout: SelectorLayout):
+    if torch.cuda.is_available():
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+class PromptScorer:
+    """Mean log-probability per token of the history under each candidate's selector prompt.
+
+    ``low_precision`` scores in bfloat16 (`TransformersLM.score_prefixes`): 2-3x faster on AMX CPUs, per-token scores
+    within ~0.01-0.02 nats of the exact ones; ``"auto"`` turns it on where bf16 is fast (`fast_bf16`).
+    """
+
+    def __init__(self, lm, layout: SelectorLayout, low_precision: bool | str = "auto"):
         self.lm, self.layout = lm, layout
+        self.low_precision = fast_bf16() if low_precision == "auto" else bool(low_precision)
 
     def prefix(self, c: Candidate) -> str:
         return self.layout.prefix(c.examples[: c.shots])
@@ -190,7 +203,7 @@ class PromptScorer:
         text = self.layout.history(history)
         prefixes = [self.prefix(c) for c in candidates]
         if hasattr(self.lm, "score_prefixes"):
-            logps = self.lm.score_prefixes(prefixes, text)
+            logps = self.lm.score_prefixes(prefixes, text, low_precision=self.low_precision)
         else:  # any LM backend: one scoring call per skill
             logps = [self.lm.score(p, [text], prefix=p)[0] for p in prefixes]
         n = max(1, self.lm.count_tokens(text))
@@ -258,6 +271,7 @@ class Selector:
         weight: the hybrid adds ``weight`` x the embedding score to the prompt score.
         fallback: the skill that answers when the margin is below ``min_margin`` (None: keep the winner).
         min_margin: the margin (best minus runner-up score) below which a selection is not confident.
+        low_precision: score in bfloat16 (True / False / "auto": where bf16 is fast); see `PromptScorer`.
     Raises:
         SelectorError: from `select`, for an unknown forced skill or when no skill is selectable.
     Example:
@@ -269,7 +283,7 @@ class Selector:
     def __init__(self, source: Callable[[], Sequence[Candidate]], lm=None, embedder=None,
                  layout: SelectorLayout | None = None, method: str = "best", history_turns: int = 5,
                  shortlist: int = 4, weight: float = 0.0, fallback: str | None = None, min_margin: float = 0.0,
-                 embedding_top: int = 3):
+                 embedding_top: int = 3, low_precision: bool | str = "auto"):
         method = BEST_METHOD if method == "best" else method
         if method not in METHODS:
             raise SelectorError(f"unknown selector method {method!r}; use one of: {', '.join(METHODS)}, best")
@@ -280,7 +294,7 @@ class Selector:
         self.source, self.method = source, method
         self.history_turns, self.shortlist, self.weight = history_turns, shortlist, weight
         self.fallback, self.min_margin = fallback, min_margin
-        self.prompt = PromptScorer(lm, layout) if lm is not None and layout is not None else None
+        self.prompt = PromptScorer(lm, layout, low_precision) if lm is not None and layout is not None else None
         self.embedding = EmbeddingScorer(embedder, history_turns, embedding_top) if embedder is not None else None
 
     def warm(self) -> None:
@@ -321,7 +335,7 @@ class Selector:
         return self._decide(scores, names, started, details)
 
     def _decide(self, scores: dict[str, float], names: list[str], started: float, details) -> Selection:
-        ranked = sorted(scores.items(), key=lambda kv: -kv[1] if math.isfinite(kv[1]) else math.inf)
+        ranked = sorted(scores.items(), key=lambda kv: kv[1] if math.isfinite(kv[1]) else -math.inf, reverse=True)
         best, best_score = ranked[0]
         margin = best_score - ranked[1][1] if len(ranked) > 1 else math.inf
         confident = math.isfinite(best_score) and (margin > self.min_margin or (margin == math.inf))

@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="keep per-example scores here (JSON)")
     ap.add_argument("--scores", type=Path, default=None, help="reuse scores from an earlier --out instead of scoring")
     ap.add_argument("--latency-n", type=int, default=30)
+    ap.add_argument("--precision", choices=["auto", "exact", "bf16"], default="auto")
     args = ap.parse_args()
 
     from app.lm import load_lm
@@ -46,16 +47,18 @@ def main() -> None:
     layout = SelectorLayout.load(settings.prompts_dir / "selector.yaml")
     embedder = default_embedder()
     lm = None
+    low_precision = {"auto": "auto", "exact": False, "bf16": True}[args.precision]
     if args.scores:
         rows = json.loads(args.scores.read_text())
     else:
         lm = load_lm(settings)
-        prompt, emb = PromptScorer(lm, layout), EmbeddingScorer(embedder, args.history_turns)
+        prompt, emb = PromptScorer(lm, layout, low_precision), EmbeddingScorer(embedder, args.history_turns)
         t = time.perf_counter()
         emb.warm(cands)
         prompt.warm(cands)
         print(f"warm-up {time.perf_counter() - t:.1f} s; {len(cands)} skills, {args.shots} shots each, "
-              f"prefix tokens {[lm.count_tokens(prompt.prefix(c)) for c in cands]}", flush=True)
+              f"prefix tokens {[lm.count_tokens(prompt.prefix(c)) for c in cands]}, bf16 {prompt.low_precision}",
+              flush=True)
         rows = []
         for i, x in enumerate(examples):
             turns = x["dialogue"][-args.history_turns:]
@@ -98,7 +101,7 @@ def main() -> None:
     if lm is not None and args.latency_n:
         for k in (3, 4):
             sel = Selector(lambda: cands, lm=lm, embedder=embedder, layout=layout, method="hybrid", shortlist=k,
-                           history_turns=args.history_turns)
+                           history_turns=args.history_turns, low_precision=low_precision)
             lat = [sel.select(x["dialogue"]).latency_s for x in examples[: args.latency_n]]
             print(f"hybrid k={k}: measured median latency {statistics.median(lat):.3f} s over {len(lat)} selections")
 

@@ -109,7 +109,7 @@ def test_prompt_selection_matches_direct_scores(lm, tmp_path):
     d = skills_dir(tmp_path)
     (d / "taxi.yaml").write_text(TAXI)
     registry = SkillRegistry(d)
-    sel = Selector(registry_source(registry), lm=lm, layout=LAYOUT, method="prompt")
+    sel = Selector(registry_source(registry), lm=lm, layout=LAYOUT, method="prompt", low_precision=False)
     history = [["i would like a taxi from the hotel .", "where to ?"], ["the station , please .", ""]]
     got = sel.select(history)
     text = LAYOUT.history(history)

@@ -142,9 +142,12 @@ def format_report(r: dict) -> str:
 @click.option("--history-turns", type=int, default=5, show_default=True)
 @click.option("--shortlist", type=int, default=None, help="Hybrid: skills shortlisted by embeddings.")
 @click.option("--model", default=None, help="LM to score with [default: settings / FSB_MODEL].")
+@click.option("--precision", type=click.Choice(["auto", "exact", "bf16"]), default="auto", show_default=True,
+              help="Prompt scoring in exact float32 or bfloat16 (auto: bf16 where it is fast).")
 @click.option("--safety/--no-safety", default=False, help="Also offer the pool's safety-* labels.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a list under 'results' for 'all').")
-def selector_command(data, pool, methods, limit, shots, history_turns, shortlist, model, safety, as_json):
+def selector_command(data, pool, methods, limit, shots, history_turns, shortlist, model, precision, safety,
+                     as_json):
     """Accuracy, macro-F1, confusion matrix and median latency of the skill selector(s)."""
     from ..settings import Settings
     from ..skills import SkillRegistry
@@ -178,7 +181,8 @@ def selector_command(data, pool, methods, limit, shots, history_turns, shortlist
     for m in names:
         kw = {"shortlist": shortlist} if shortlist else {}
         sel = Selector(lambda: candidates, lm=lm, embedder=embedder, layout=layout, method=m,
-                       history_turns=history_turns, **kw)
+                       history_turns=history_turns, low_precision={"auto": "auto", "exact": False, "bf16": True}[precision],
+                       **kw)
         r = evaluate(sel, examples)
         r["method"] = m
         if methods == "best":
