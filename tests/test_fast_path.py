@@ -93,10 +93,13 @@ def test_fast_path_declines_what_it_cannot_hold_and_is_cuda_only(lm):
 
 
 # ------------------------------------------------------------------------------------------ continuous batching
-def test_concurrent_requests_each_get_what_they_would_get_alone(lm):
+@pytest.mark.parametrize("compile", [False, "eager"], ids=["eager", "dynamo-traced"])
+def test_concurrent_requests_each_get_what_they_would_get_alone(lm, compile):
     jobs = [(p, x, n) for (p, x), n in zip(PROMPTS, (40, 25, 33, 18))] + [(PROMPTS[2][0], None, 5)]
+    if compile:  # every new batch size and length is a recompile on CPU: fewer, shorter jobs
+        jobs = [(p, x, n // 3) for p, x, n in jobs]
     expected = [plain(lm, p, prefix=x, max_new_tokens=n) for p, x, n in jobs]
-    sched = BatchScheduler(lm, max_batch=4)  # five requests, four rows: one waits for a free row
+    sched = BatchScheduler(lm, max_batch=4, compile=compile)  # five requests, four rows: one waits for a row
     got: list = [None] * len(jobs)
 
     def client(i):
@@ -111,6 +114,7 @@ def test_concurrent_requests_each_get_what_they_would_get_alone(lm):
             t.join(timeout=120)
         assert got == expected
         assert sched.max_rows_seen > 1  # they really shared the batch
+        assert (sched._compiled is not None) == bool(compile)  # tracing held up (no fallback to eager)
     finally:
         sched.close()
 

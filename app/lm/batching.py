@@ -105,14 +105,22 @@ class BatchScheduler:
     Args:
         lm: the loaded `TransformersLM` (its model, tokenizer, prefix cache and forward lock are shared).
         max_batch: most rows decoded together; later requests wait at the step boundary for a free row.
+        compile: compile the batched decode step with dynamic shapes (True: inductor; a string: that backend,
+            e.g. "eager" to check tracing on CPU). Falls back to eager if tracing fails.
     Example:
         >>> sched = BatchScheduler(lm, max_batch=16)
         >>> "".join(sched.generate("User: hi\\nAssistant:", stop=["\\nUser:"]))
     """
 
-    def __init__(self, lm, max_batch: int = 16):
+    def __init__(self, lm, max_batch: int = 16, compile: bool | str = False):
         self.lm = lm
         self.max_batch = max(1, max_batch)
+        # The decode step's shapes change every step (batch size, cache length), so it is compiled with dynamic shapes
+        # and without CUDA graphs: what it removes is the per-module Python overhead that dominates eager decoding.
+        self._compiled = None
+        if compile:
+            opts = {} if compile is True else {"backend": compile}
+            self._compiled = torch.compile(self._model_step, dynamic=True, fullgraph=False, **opts)
         self._pending: queue.Queue[Request] = queue.Queue()
         self._rows: list[_Row] = []
         self._cache = None
@@ -227,11 +235,29 @@ class BatchScheduler:
         feed = torch.tensor([[r.stream.generated[-1]] for r in rows])  # [B, 1]
         positions = torch.tensor([[r.pos] for r in rows])  # [B, 1]
         self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=self._mask.dtype)], dim=1)  # [B, S+1]
-        self._cache, out = self.lm._forward(feed, self._cache, mask=self._mask, positions=positions)
-        self._logits = out[:, -1]  # [B, V]
+        self._cache, self._logits = self._decode_step(feed, positions)  # logits [B, V]
         for r in rows:
             r.pos += 1
         self.steps += 1
+
+    def _model_step(self, ids: torch.Tensor, cache, mask: torch.Tensor, positions: torch.Tensor):
+        out = self.lm.model(input_ids=ids, cache=cache, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1)
+        return out.cache, out.logits[:, -1]
+
+    def _decode_step(self, feed: torch.Tensor, positions: torch.Tensor):
+        """One forward for every row: ids, positions [B, 1] -> (cache, logits [B, V])."""
+        if self._compiled is None:
+            cache, out = self.lm._forward(feed, self._cache, mask=self._mask, positions=positions)
+            return cache, out[:, -1]
+        dev = self.lm.device
+        try:
+            with self.lm._forward_lock, torch.no_grad():
+                return self._compiled(feed.to(dev), self._cache, self._mask.to(dev), positions.to(dev))
+        except Exception as exc:  # tracing fails before the step runs: the cache is untouched, go eager for good
+            log.warning("compiled batched decoding failed (%s); decoding eagerly from now on", exc)
+            self._compiled = None
+            return self._decode_step(feed, positions)
 
     def _choose(self, samplings, generated, rngs) -> list[int]:
         """One token per row: greedy rows by argmax on the device; others through the backend's sampler."""
@@ -303,9 +329,9 @@ class BatchedLM:
         >>> lm = BatchedLM(TransformersLM.from_pretrained("meta-llama/Llama-3.1-8B", device="cuda"), max_batch=64)
     """
 
-    def __init__(self, lm, max_batch: int = 16):
+    def __init__(self, lm, max_batch: int = 16, compile: bool | str = False):
         self.inner = lm
-        self.scheduler = BatchScheduler(lm, max_batch)
+        self.scheduler = BatchScheduler(lm, max_batch, compile)
         self.name = lm.name
 
     def __getattr__(self, item):  # score, score_prefixes, count_tokens, context_length, prefix_cache, tok, ...

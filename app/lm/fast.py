@@ -83,7 +83,7 @@ class FastPath:
         start = 0
         if prefix_len and lm.prefix_cache.capacity > 0:
             entry = lm._prefix(tuple(ids[:prefix_len]))  # dynamic cache of the prefix, computed once (LRU)
-            with torch.inference_mode():  # the static tensors were made in inference mode: write them there too
+            with torch.no_grad():
                 self._load(entry.cache, prefix_len)
             start = prefix_len
             if prefix_len == len(ids):
@@ -92,14 +92,16 @@ class FastPath:
             self._rewind(0)
         rest = torch.tensor([ids[start:]], device=self.device)  # [1, L - P]
         positions = torch.arange(start, len(ids), device=self.device)[None]  # [1, L - P]
-        with lm._forward_lock, torch.inference_mode():
+        # no_grad, not inference_mode: the static cache's tensors stay ordinary tensors, which torch.compile and CUDA
+        # graphs handle as transformers' own compiled generate does.
+        with lm._forward_lock, torch.no_grad():
             return self._forward_prefill(rest, positions)[0].clone()
 
     def decode_one_token(self, token: int, position: int) -> torch.Tensor:
         """Logits [V] after feeding ``token`` at ``position``."""
         tok = torch.tensor([[token]], device=self.device)  # [1, 1]
         pos = torch.tensor([[position]], device=self.device)  # [1, 1]
-        with self.lm._forward_lock, torch.inference_mode():
+        with self.lm._forward_lock, torch.no_grad():
             # clone: a CUDA graph's output buffer is overwritten by its next replay
             return self._decode(tok, pos)[0].clone()
 
@@ -109,7 +111,7 @@ class FastPath:
         every slot whose position is after the query's, so nothing needs zeroing."""
         for layer in self.cache.layers:
             if getattr(layer, "is_initialized", False):
-                with torch.inference_mode():
+                with torch.no_grad():
                     layer.cumulative_length.fill_(min(length, layer.max_cache_len))
             if hasattr(layer, "cumulative_length_int"):
                 layer.cumulative_length_int = length
