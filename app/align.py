@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -411,13 +411,16 @@ class Aligner:
                 yield first
         pieces = self.lm.generate(reply.prompt.text, stop=self.prompt.stop, max_new_tokens=max_new,
                                   sampling=sampling, prefix=reply.prompt.prefix)
-        for piece in pieces:
-            out = cleaner.feed(piece)
-            reply.text = cleaner.text
-            if out:
-                yield out
-            if cleaner.stopped:
-                break  # a backend that ignored the stop strings: nothing after the stop is wanted
+        try:
+            for piece in pieces:
+                out = cleaner.feed(piece)
+                reply.text = cleaner.text
+                if out:
+                    yield out
+                if cleaner.stopped:
+                    break  # a backend that ignored the stop strings: nothing after the stop is wanted
+        finally:
+            _close_stream(pieces)  # stops the backend's decoding now, also when the caller stops reading
         out = cleaner.finish()
         reply.text = cleaner.text
         reply.finish = self._finish_reason(cleaner, max_new, skip=len(answer_start))
@@ -429,16 +432,19 @@ class Aligner:
         prefix = self.prefix
         pieces = self.lm.generate_batch([r.prompt.text for r in replies], stop=self.prompt.stop,
                                         max_new_tokens=max_new, sampling=sampling, prefix=prefix)
-        for row, piece in pieces:
-            c = cleaners[row]
-            if c.stopped:
-                continue
-            out = c.feed(piece)
-            replies[row].text = c.text
-            if out:
-                yield row, out
-            if c.stopped:  # this row is done; the others go on
-                yield from self._close(row, c, replies[row], max_new)
+        try:
+            for row, piece in pieces:
+                c = cleaners[row]
+                if c.stopped:
+                    continue
+                out = c.feed(piece)
+                replies[row].text = c.text
+                if out:
+                    yield row, out
+                if c.stopped:  # this row is done; the others go on
+                    yield from self._close(row, c, replies[row], max_new)
+        finally:
+            _close_stream(pieces)
         for row, c in enumerate(cleaners):
             if replies[row].finish is None:
                 yield from self._close(row, c, replies[row], max_new)
@@ -459,6 +465,12 @@ class Aligner:
         if generated and self.lm.count_tokens(generated) >= max_new - _LIMIT_SLACK:
             return "length"
         return "stop"
+
+
+def _close_stream(stream) -> None:
+    close = getattr(stream, "close", None)
+    if close:
+        close()
 
 
 def _pairs(messages: Sequence[tuple[str, str]]) -> tuple[list[tuple[str, str]], str]:
