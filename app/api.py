@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from typing import Any, Iterator, Literal, Union
@@ -126,6 +127,32 @@ class _TooLarge(Exception):
     pass
 
 
+class Admission:
+    """At most ``active`` turns generate at once and ``waiting`` more queue; the rest are turned away at once.
+
+    A turn holds its slot until its stream ends (or the client goes away), so the model is never oversubscribed and a
+    burst gets a clean 429 with ``Retry-After`` instead of an unbounded queue.
+    """
+
+    def __init__(self, active: int, waiting: int):
+        self._slots = threading.BoundedSemaphore(max(1, active))
+        self._tickets = threading.BoundedSemaphore(max(1, active) + max(0, waiting))
+
+    def enter(self) -> bool:
+        if not self._tickets.acquire(blocking=False):
+            return False
+        self._slots.acquire()
+        return True
+
+    def leave(self) -> None:
+        self._slots.release()
+        self._tickets.release()
+
+
+class Busy(Exception):
+    pass
+
+
 def parse_keys(spec: str) -> dict[str, str]:
     """``FSB_API_KEY``: one key (its user is "default") or ``user:key,user:key``; returns key -> user."""
     keys: dict[str, str] = {}
@@ -177,6 +204,7 @@ def create_app(bot: Bot, settings) -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(KeyAuth, keys=parse_keys(settings.api_key))
     app.state.bot = bot
+    admission = Admission(settings.max_active, settings.max_waiting)
     auth_on = bool(parse_keys(settings.api_key))
 
     def caller(request: Request, asked: str | None = None) -> str:
@@ -208,6 +236,28 @@ def create_app(bot: Bot, settings) -> FastAPI:
     async def _no_session(request: Request, exc: SessionNotFound):
         return error_response(404, exc.args[0], param="session_id", code="session_not_found")
 
+    @app.exception_handler(Busy)
+    async def _busy(request: Request, exc: Busy):
+        return error_response(429, "the bot is busy with other chats; retry shortly", type_="rate_limit_error",
+                              code="busy", headers={"Retry-After": "2"})
+
+    def admitted(run):
+        """Run ``run()`` (which starts a turn) inside an admission slot; the slot is released when the turn's
+        stream ends, or at once if starting it failed."""
+        if not admission.enter():
+            raise Busy()
+        try:
+            return run()
+        except BaseException:
+            admission.leave()
+            raise
+
+    def released(stream: TurnStream):
+        try:
+            yield from stream
+        finally:
+            admission.leave()
+
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound):
         return error_response(404, str(exc), param=exc.param, code=exc.code)
@@ -228,19 +278,21 @@ def create_app(bot: Bot, settings) -> FastAPI:
         skill = _skill_from_model(req.model, bot)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         sampling = {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}
-        limit = req.max_completion_tokens or req.max_tokens
+        asked = req.max_completion_tokens or req.max_tokens
+        limit = min(asked, settings.max_tokens) if asked else None  # None: the skill's own setting
         user = caller(request, req.user)
         if req.session_id:
             owned_session(request, req.session_id)
-            stream = bot.chat(req.session_id, messages[-1]["content"] if messages else "", skill=skill,
-                              sampling=sampling, max_tokens=limit, user=user)
+            stream = admitted(lambda: bot.chat(req.session_id, messages[-1]["content"] if messages else "",
+                                               skill=skill, sampling=sampling, max_tokens=limit, user=user))
         else:
-            stream = bot.turn(messages, skill=skill, sampling=sampling, max_tokens=limit, user=user)
+            stream = admitted(lambda: bot.turn(messages, skill=skill, sampling=sampling, max_tokens=limit,
+                                               user=user))
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if req.stream:
-            return StreamingResponse(_sse(stream, cid, req.model), media_type="text/event-stream",
+            return StreamingResponse(_sse(stream, released(stream), cid, req.model), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text = stream.text()
+        text = "".join(released(stream))
         reply = stream.reply
         return {
             "id": cid, "object": "chat.completion", "created": int(time.time()), "model": req.model,
@@ -259,9 +311,13 @@ def create_app(bot: Bot, settings) -> FastAPI:
         user = caller(request, req.user)
         if req.session_id:
             owned_session(request, req.session_id)
-        sid = req.session_id or bot.store.create_session(user=user)
-        stream = bot.chat(sid, req.message, skill=req.skill, user=user)
-        text = stream.text()
+
+        def start():  # the session is created only once the turn is admitted: a 429 leaves nothing behind
+            sid = req.session_id or bot.store.create_session(user=user)
+            return sid, bot.chat(sid, req.message, skill=req.skill, user=user)
+
+        sid, stream = admitted(start)
+        text = "".join(released(stream))
         reply = stream.reply
         return {"session_id": sid, "reply": text, "skill": reply.skill, "sources": reply.passages,
                 "trace": reply.trace}
@@ -318,7 +374,7 @@ def _skill_from_model(model: str, bot: Bot) -> str | None:
                      "model", "model_not_found")
 
 
-def _sse(stream: TurnStream, cid: str, model: str) -> Iterator[str]:
+def _sse(stream: TurnStream, pieces: Iterator[str], cid: str, model: str) -> Iterator[str]:
     created = int(time.time())
 
     def chunk(delta: dict, finish: str | None = None) -> str:
@@ -328,7 +384,7 @@ def _sse(stream: TurnStream, cid: str, model: str) -> Iterator[str]:
 
     yield chunk({"role": "assistant", "content": ""})
     try:
-        for piece in stream:
+        for piece in pieces:
             yield chunk({"content": piece})
         yield chunk({}, stream.reply.finish_reason)
     except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band, keep the server serving

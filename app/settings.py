@@ -42,6 +42,9 @@ class Settings:
     max_message_chars: int = 8000
     max_messages: int = 200
     max_request_bytes: int = 1_000_000
+    max_tokens: int = 1024  # cap on any request's max_tokens
+    max_active: int = 4  # turns generating at once (they interleave token by token)
+    max_waiting: int = 16  # turns queued behind them; beyond that: 429 with Retry-After
     context_tokens: int = 2048  # prompt budget: examples + knowledge + history + reply
     history_turns: int = 8
     prefix_cache_entries: int = 32

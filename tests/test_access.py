@@ -1,7 +1,9 @@
 """Access: with API keys set, every API route and the web chat refuse without a key, and users are kept apart."""
 from __future__ import annotations
 
-import httpx
+import httpx as _httpx
+
+httpx = _httpx.Client(timeout=60)
 import pytest
 
 from tests.conftest import LiveServer

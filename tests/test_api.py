@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 
-import httpx
+import httpx as _httpx
+
+httpx = _httpx.Client(timeout=60)
 import openai
 import pytest
 
