@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 import time
 import uuid
@@ -236,6 +237,12 @@ def create_app(bot: Bot, settings) -> FastAPI:
     async def _no_session(request: Request, exc: SessionNotFound):
         return error_response(404, exc.args[0], param="session_id", code="session_not_found")
 
+    @app.exception_handler(sqlite3.OperationalError)
+    async def _storage(request: Request, exc: sqlite3.OperationalError):
+        log.warning("storage unavailable: %s", exc)
+        return error_response(503, f"storage is unavailable right now ({exc}); retry shortly", type_="server_error",
+                              code="storage_unavailable", headers={"Retry-After": "5"})
+
     @app.exception_handler(Busy)
     async def _busy(request: Request, exc: Busy):
         return error_response(429, "the bot is busy with other chats; retry shortly", type_="rate_limit_error",
@@ -359,6 +366,12 @@ def create_app(bot: Bot, settings) -> FastAPI:
     def skills() -> list[dict[str, Any]]:
         return [{"name": s.name, "kind": s.kind, "retriever": s.retriever, "description": s.description}
                 for s in bot.skills.all()]
+
+    @app.get("/api/skills/problems", tags=["native"])
+    def skill_problems() -> list[dict[str, Any]]:
+        """Skill files that failed to load (the last good version of each keeps serving)."""
+        bot.skills.refresh()
+        return [{"file": e.path, "line": e.line, "message": e.message} for e in bot.skills.errors]
 
     return app
 

@@ -42,6 +42,11 @@ def build_ui(bot: Bot) -> gr.Blocks:
     def skill_choices() -> list[str]:
         return [AUTO] + sorted(s.name for s in bot.skills.all() if s.kind == "response")
 
+    def problems() -> str:
+        errors = bot.skills.errors
+        return "\n".join(["⚠️ Some skill files have problems (the last good version keeps serving):"] +
+                         [f"- `{e}`" for e in errors]) if errors else ""
+
     def user_of(request: gr.Request | None) -> str:
         return (getattr(request, "username", None) if request is not None else None) or LOCAL_USER
 
@@ -117,16 +122,17 @@ def build_ui(bot: Bot) -> gr.Blocks:
             with gr.Column(scale=4):
                 chatbot = gr.Chatbot(label="Chat", height=480, elem_id="fsb-chat")
                 info = gr.Markdown("", elem_id="fsb-info")
+                warnings = gr.Markdown("", elem_id="fsb-problems")
                 with gr.Row():
                     box = gr.Textbox(placeholder="Say something…", show_label=False, scale=5, elem_id="fsb-input")
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="fsb-send")
         outputs = [chatbot, session_state, info, sessions]
         for trigger in (box.submit, send.click):
             trigger(respond, [box, chatbot, session_state, skill], outputs).then(lambda: "", None, box).then(
-                memory_view, None, memory)
+                memory_view, None, memory).then(problems, None, warnings)
         new_btn.click(new_chat, None, [chatbot, session_state, info, sessions])
         sessions.input(load_session, sessions, [chatbot, session_state, info])
-        demo.load(refresh_sessions, None, sessions).then(memory_view, None, memory)
+        demo.load(refresh_sessions, None, sessions).then(memory_view, None, memory).then(problems, None, warnings)
         forget_one.click(forget, fact_id, memory)
         forget_all.click(forget_everything, None, memory)
     return demo

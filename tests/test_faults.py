@@ -1,0 +1,123 @@
+"""Faults: a skill file broken while serving, the database locked by another process, the process killed with
+kill -9 in the middle of writes. Each gives a clean message, and the rest of the service keeps working."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import httpx as _httpx
+import pytest
+
+from app.settings import REPO_ROOT
+from tests.conftest import LiveServer, free_port
+
+httpx = _httpx.Client(timeout=60)
+CHAT = {"model": "fsb:persona", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+
+
+def test_a_skill_file_broken_while_serving_keeps_its_last_good_version(settings, tiny_lm, tmp_path):
+    from app.server import build_app, build_bot
+
+    skills = tmp_path / "skills"
+    shutil.copytree(REPO_ROOT / "skills", skills, ignore=shutil.ignore_patterns("*.md"))
+    settings = settings.replace(skills_dir=skills)
+    with LiveServer(build_app(settings, bot=build_bot(settings, lm=tiny_lm))) as server:
+        assert httpx.get(server.url + "/api/skills/problems").json() == []
+        good = (skills / "persona.yaml").read_text()
+        (skills / "persona.yaml").write_text(good.replace("kind: response", "kind: [response"))
+        problems = httpx.get(server.url + "/api/skills/problems").json()
+        kind_line = good.splitlines().index("kind: response") + 1
+        assert [p["file"].rsplit("/", 1)[-1] for p in problems] == ["persona.yaml"]
+        assert problems[0]["line"] in (kind_line, kind_line + 1)  # YAML reports the open bracket or where it broke
+        assert "YAML syntax error" in problems[0]["message"]
+        r = httpx.post(server.url + "/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200 and r.json()["fsb"]["skill"] == "persona"
+        (skills / "persona.yaml").write_text(good)
+        assert httpx.get(server.url + "/api/skills/problems").json() == []
+
+
+def test_a_database_locked_by_another_process_gives_a_clean_503_then_recovers(settings, tiny_lm):
+    from app.server import build_app, build_bot
+
+    with LiveServer(build_app(settings, bot=build_bot(settings, lm=tiny_lm))) as server:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1]); "
+             "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(7)", str(settings.db_path)],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            r = httpx.post(server.url + "/api/chat", json={"message": "are you there?"})
+            assert r.status_code == 503 and r.headers["retry-after"] == "5"
+            assert r.json()["error"]["code"] == "storage_unavailable" and "locked" in r.json()["error"]["message"]
+            assert httpx.post(server.url + "/v1/chat/completions", json=CHAT).status_code == 200  # stateless works
+        finally:
+            holder.wait(timeout=30)
+        r = httpx.post(server.url + "/api/chat", json={"message": "and now?"})
+        assert r.status_code == 200
+
+
+def start_server(port: int, data_dir) -> subprocess.Popen:
+    env = {**os.environ, "FSB_MODEL": "tiny", "FSB_DATA_DIR": str(data_dir), "FSB_SELECTOR": "off",
+           "FSB_STARTER_KB": "off", "FSB_MEMORY": "off", "FSB_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "server.py", "--port", str(port)], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except _httpx.TransportError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def test_kill_9_in_the_middle_of_writes_loses_nothing_committed(tmp_path):
+    port, data = free_port(), tmp_path / "data"
+    proc = start_server(port, data)
+    done: list[str] = []
+    stop = threading.Event()
+
+    def writer(n: int) -> None:
+        while not stop.is_set():
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/api/chat", json={"message": f"writer {n}", "user": f"w{n}"},
+                               timeout=30)
+                if r.status_code == 200:
+                    done.append(r.json()["session_id"])
+            except _httpx.TransportError:
+                return
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 60
+    while len(done) < 6 and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert len(done) >= 6
+
+    db = sqlite3.connect(data / "fsb.db")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+    proc = start_server(port, data)
+    try:
+        for sid in done:  # every answered turn is there, question and reply
+            session = httpx.get(f"http://127.0.0.1:{port}/api/sessions/{sid}").json()
+            assert [m["role"] for m in session["messages"]] == ["user", "assistant"]
+            assert session["messages"][0]["content"] == f"writer {session['user'][1:]}"
+        r = httpx.post(f"http://127.0.0.1:{port}/api/chat", json={"message": "after the crash"})
+        assert r.status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
