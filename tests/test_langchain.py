@@ -1,0 +1,33 @@
+"""The LangChain adapter in a real LangChain chain: prompt template | FewShotBotChat | output parser."""
+from __future__ import annotations
+
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+
+from app.integrations.langchain import FewShotBotChat
+
+
+def test_in_process_chain_returns_the_bots_reply_with_skill_metadata(settings, tiny_lm):
+    from app.server import build_bot
+    from retrievers.embed import HashingEmbedder
+
+    bot = build_bot(settings, lm=tiny_lm, embedder=HashingEmbedder())
+    prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
+    model = FewShotBotChat(bot=bot, skill="persona", max_tokens=6)
+    message = (prompt | model).invoke({"question": "hi! what do you like to do?"})
+    direct = bot.turn([{"role": "user", "content": "hi! what do you like to do?"}], skill="persona", max_tokens=6)
+    assert message.content == direct.text()
+    assert message.response_metadata["skill"] == "persona"
+    text = (prompt | model | StrOutputParser()).invoke({"question": "hi! what do you like to do?"})
+    assert text == message.content
+    streamed = "".join(chunk for chunk in (prompt | model | StrOutputParser()).stream(
+        {"question": "hi! what do you like to do?"}))
+    assert streamed == text
+
+
+def test_chain_against_the_live_server_streams_the_same_reply(live_server):
+    prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
+    model = FewShotBotChat(base_url=live_server.url, skill="persona", max_tokens=6)
+    chain = prompt | model | StrOutputParser()
+    text = chain.invoke({"question": "tell me about your day"})
+    assert text and text == "".join(chain.stream({"question": "tell me about your day"}))
