@@ -177,8 +177,7 @@ class Bot:
             query = self._query(chosen, dialogue, trace)
             if chosen.retriever != "none" and self.knowledge is not None:
                 started = time.perf_counter()
-                got = self.knowledge.fetch(chosen.retriever, query, user,
-                                           [chosen.speakers.user + ":", chosen.speakers.bot + ":"])
+                got = self.knowledge.fetch(chosen.retriever, query, user, self._markers())
                 fields.update(got.fields)
                 passages = [_passage_dict(p) for p in got.passages]
                 _step(trace, "retrieve", started, retriever=chosen.retriever, query=query, passages=passages,
@@ -204,6 +203,18 @@ class Bot:
 
         stream = _with_notice(notice, _drop_leading_space(pieces))
         return TurnStream(stream, finish)
+
+    def _markers(self) -> list[str]:
+        """Every layout marker a retrieved page could imitate: speaker labels and header lines of all skill
+        templates, and the alignment layer's block markers. Retrieved text has them broken (see `neutralise`)."""
+        found = set()
+        for skill in self.skills.all():
+            found.update({skill.speakers.user + ":", skill.speakers.bot + ":"})
+            found.update(line.strip() for line in skill.template.splitlines()
+                         if line.strip().endswith(":") and "{" not in line and len(line.strip()) <= 40)
+        if self.aligner is not None:
+            found.update(m.strip() for m in self.aligner.prompt.leak_markers if m.strip())
+        return sorted(found, key=len, reverse=True)
 
     def _query(self, skill: Skill, dialogue, trace: dict) -> str:
         """The retriever's query: the parser skill's output, or the user's last turn."""
