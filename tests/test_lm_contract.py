@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,14 +34,16 @@ OTHER = "Dialogue:\nUser: what is your favourite food and why do you like it so 
 class LlamaServer:
     """llama-cpp-python's OpenAI-compatible server in a subprocess on a free loopback port."""
 
-    def __init__(self, gguf: Path, n_ctx: int = 1024):
+    def __init__(self, gguf: Path, n_ctx: int = 512):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.log = Path(gguf).with_suffix(f".server-{self.port}.log")
-        # logits_all: prompt log-probabilities (echo) need every position's logits
+        self.log = Path(tempfile.mkdtemp(prefix="fsb-llama-server-")) / "server.log"
+        # logits_all: prompt log-probabilities (echo) need every position's logits. interrupt_requests off: by
+        # default a new request cuts the stream in progress short (concurrent chats would lose their endings).
+        # n_ctx small: with logits_all, every echo request turns n_ctx x 262k logits into log-probs.
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                "--port", str(self.port), "--n_ctx", str(n_ctx), "--logits_all", "true", "--n_threads", "2",
-               "--n_threads_batch", "2", "--verbose", "false"]
+               "--n_threads_batch", "2", "--interrupt_requests", "false", "--verbose", "false"]
         self._log_file = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT)
 
@@ -224,9 +227,9 @@ def test_remote_scores_match_the_local_embedded_model(remote_lm, gemma_lm):
     """The llama.cpp server (Q4_K_M GGUF, quantized matmuls) and transformers (the same weights dequantized to
     float32) give the same log-probabilities up to llama.cpp's activation quantization, and rank alike."""
     context = "User: do you like the sea?\nAssistant:"
-    conts = [" Yes, I love swimming in the sea.", " The sea is blue.", " Carburettor seventeen hyena."]
+    conts = [" Yes, I love swimming in the sea.", " Carburettor seventeen hyena."]
     remote, local = remote_lm.score(context, conts), gemma_lm.score(context, conts)
-    assert sorted(range(3), key=remote.__getitem__) == sorted(range(3), key=local.__getitem__)
+    assert remote[0] > remote[1] and local[0] > local[1]
     for r, l, c in zip(remote, local, conts):
         assert r == pytest.approx(l, abs=0.15 * gemma_lm.count_tokens(c) + 0.3), (remote, local)
     assert remote_lm.count_tokens(context + conts[0]) == gemma_lm.count_tokens(context + conts[0])

@@ -17,7 +17,8 @@ n(context)`` prompt tokens, counted with the server's tokenizer (the lm-eval-har
 how a server writes BOS or text offsets. Servers that refuse ``echo`` (llama.cpp's ``llama-server`` answers 400) or
 ignore it (only the generated token's log-prob comes back) are detected once and scored by teacher forcing instead:
 one request per continuation token, reading the token's log-prob from the top-``k`` alternatives of the next token
-(approximate: a token outside the top ``k`` counts as the ``k``-th best's log-prob; see docs/scaling.md).
+(exact for tokens within the top ``k``; one outside counts as the ``k``-th best's log-prob, an upper bound; see
+docs/scaling.md).
 
 Token counts come from the server's tokenizer endpoint (llama.cpp and vLLM ``/tokenize``, llama-cpp-python
 ``/extras/tokenize``), from a local tokenizer when one is given, or, failing both, from ``usage.prompt_tokens``.
@@ -377,24 +378,57 @@ class RemoteLM:
         return float(sum(values))
 
     def _score_forced(self, context: str, continuation: str) -> float:
-        """Teacher forcing through the top-k alternatives of the next token, walking the continuation's text."""
+        """Teacher forcing: for each continuation token, its log-prob among the top-k alternatives of the next token
+        after ``context`` + the tokens before it. A token outside the top k counts as the k-th best (an upper bound).
+
+        Tokens and their text come from the server's tokenizer and detokenizer; a server without them is walked by
+        text instead, taking the longest top-k token that continues the text (a character at a time, bounded, where
+        none does).
+        """
+        pieces = self._pieces(context, continuation)
+        if pieces is not None:
+            total = 0.0
+            for i, piece in enumerate(pieces):
+                top = self._top_logprobs(context + "".join(pieces[:i]))
+                total += top.get(piece, min(top.values()))
+            return total
         total, done = 0.0, 0
         while done < len(continuation):
-            got = self._request("POST", f"{self.base_url}/completions", self._body(
-                prompt=context + continuation[:done], max_tokens=1, temperature=0.0, logprobs=self.top_logprobs,
-                n_probs=self.top_logprobs, cache_prompt=True))
-            entries = _logprob_entries((got.get("choices") or [{}])[0].get("logprobs"))
-            top = entries[0][2] if entries else {}
-            if not top:
-                raise LMError("the inference server returns no log-probabilities: it cannot score")
+            top = self._top_logprobs(context + continuation[:done])
             match = max((t for t in top if t and continuation.startswith(t, done)), key=len, default=None)
-            if match is None:  # outside the top k: bounded above by the k-th best, consume one character
-                total += min(top.values())
-                done += 1
-            else:
-                total += top[match]
-                done += len(match)
+            total += top[match] if match else min(top.values())
+            done += len(match) if match else 1
         return total
+
+    def _top_logprobs(self, prompt: str) -> dict[str, float]:
+        got = self._request("POST", f"{self.base_url}/completions", self._body(
+            prompt=prompt, max_tokens=1, temperature=0.0, logprobs=self.top_logprobs, n_probs=self.top_logprobs,
+            cache_prompt=True))
+        entries = _logprob_entries((got.get("choices") or [{}])[0].get("logprobs"))
+        if not entries or not entries[0][2]:
+            raise LMError("the inference server returns no log-probabilities: it cannot score")
+        return entries[0][2]
+
+    def _pieces(self, context: str, continuation: str) -> list[str] | None:
+        """The continuation's tokens as text (as tokenized after ``context``), or None when the server cannot say."""
+        try:
+            ids = self.tokenize(context + continuation)[len(self.tokenize(context)):]
+            pieces = [self._detokenize([i]) for i in ids]
+        except (LMError, KeyError, TypeError):
+            return None
+        return pieces if pieces and "".join(pieces) == continuation else None
+
+    def _detokenize(self, ids: list[int]) -> str:
+        if self.local_tokenizer is not None:
+            return self.local_tokenizer.decode(ids)
+        for path, key in (("/detokenize", "content"), ("/extras/detokenize", "text"), ("/detokenize", "prompt")):
+            try:
+                text = self._request("POST", f"{self.root}{path}", self._body(tokens=ids))[key]
+            except (LMError, KeyError):
+                continue
+            if isinstance(text, str):
+                return text
+        raise LMError("the inference server has no detokenizer endpoint")
 
 
 class _EchoUnsupported(Exception):
@@ -408,7 +442,7 @@ def _sampling_fields(s: Sampling) -> dict:
     penalty 1.1). The repetition penalty's scope differs too: prompt + output (vLLM), the last n tokens (llama.cpp).
     """
     penalty = s.repetition_penalty
-    return {"temperature": max(0.0, s.temperature), "top_p": s.top_p, "top_k": s.top_k if s.top_k > 0 else -1,
+    return {"temperature": max(0.0, s.temperature), "top_p": s.top_p, "top_k": max(0, s.top_k),  # 0: off
             "min_p": 0.0, "repeat_penalty": penalty, "repetition_penalty": penalty, "seed": s.seed}
 
 
