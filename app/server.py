@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 from .settings import Settings
 
@@ -64,6 +65,11 @@ def build_app(settings: Settings, lm=None, bot=None):
     from .ui import build_ui
 
     bot = bot or build_bot(settings, lm)
+    if bot.selector is not None:  # encode every skill's selector prompt now, not on the first user's turn
+        started = time.perf_counter()
+        print("[fsb] warming the skill selector …", file=sys.stderr, flush=True)
+        bot.selector.warm()
+        print(f"[fsb] selector ready in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     app = create_app(bot, settings)
     keys = parse_keys(settings.api_key)
     # With API keys on, the web chat asks for a login: user name and that user's key (Gradio then guards its own
