@@ -31,8 +31,8 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--history-turns", type=int, default=5)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--out", type=Path, default=None, help="keep per-example scores here (JSON)")
-    ap.add_argument("--scores", type=Path, default=None, help="reuse scores from an earlier --out instead of scoring")
+    ap.add_argument("--out", type=Path, default=None, help="append per-example scores here (JSON lines; resumes)")
+    ap.add_argument("--scores", type=Path, default=None, help="only analyse the scores kept by an earlier --out")
     ap.add_argument("--latency-n", type=int, default=30)
     ap.add_argument("--precision", choices=["auto", "exact", "bf16"], default="auto")
     args = ap.parse_args()
@@ -49,8 +49,12 @@ def main() -> None:
     lm = None
     low_precision = {"auto": "auto", "exact": False, "bf16": True}[args.precision]
     if args.scores:
-        rows = json.loads(args.scores.read_text())
+        rows = [json.loads(line) for line in args.scores.read_text().splitlines() if line.strip()]
     else:
+        # Rows are appended to --out as they come (JSON lines); a rerun with the same --out resumes after them.
+        rows = []
+        if args.out and args.out.exists():
+            rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
         lm = load_lm(settings)
         prompt, emb = PromptScorer(lm, layout, low_precision), EmbeddingScorer(embedder, args.history_turns)
         t = time.perf_counter()
@@ -59,22 +63,26 @@ def main() -> None:
         print(f"warm-up {time.perf_counter() - t:.1f} s; {len(cands)} skills, {args.shots} shots each, "
               f"prefix tokens {[lm.count_tokens(prompt.prefix(c)) for c in cands]}, bf16 {prompt.low_precision}",
               flush=True)
-        rows = []
+        out = open(args.out, "a", encoding="utf-8") if args.out else None
         for i, x in enumerate(examples):
+            if i < len(rows):
+                continue
             turns = x["dialogue"][-args.history_turns:]
             t0 = time.perf_counter()
             e = emb.scores(turns, cands)
             t1 = time.perf_counter()
             p = prompt.scores(turns, cands)
             t2 = time.perf_counter()
-            rows.append({"gold": x["skill"], "prompt": p, "embedding": e, "t_emb": t1 - t0, "t_prompt": t2 - t1,
-                         "tokens": lm.count_tokens(layout.history(turns))})
+            row = {"gold": x["skill"], "prompt": p, "embedding": e, "t_emb": t1 - t0, "t_prompt": t2 - t1,
+                   "tokens": lm.count_tokens(layout.history(turns))}
+            rows.append(row)
+            if out:
+                out.write(json.dumps(row) + "\n")
+                out.flush()
             if (i + 1) % 10 == 0:
                 acc = sum(max(r["prompt"], key=r["prompt"].get) == r["gold"] for r in rows) / len(rows)
                 print(f"{i + 1}/{len(examples)} prompt acc {acc:.3f} median {statistics.median(r['t_prompt'] for r in rows):.2f} s",
                       flush=True)
-        if args.out:
-            args.out.write_text(json.dumps(rows))
 
     gold = [r["gold"] for r in rows]
     table = []
