@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -244,8 +245,9 @@ class Bot:
         started = time.perf_counter()
         try:
             text = self._run_parser(self.skills.get(name), [[dialogue[-1][0], ""]])
-            facts = [f.strip() for f in text.split(self.messages.get("fact_separator", "|"))
-                     if f.strip() and f.strip().lower() not in self.messages.get("no_facts", ["none"])]
+            parts = re.split(self.messages.get("fact_split", r"(?<=[.!?])\s+"), text.strip())
+            no_facts = {x.lower() for x in self.messages.get("no_facts", ["none"])}
+            facts = [f.strip() for f in parts if f.strip() and f.strip().rstrip(".").lower() not in no_facts]
             added = self.knowledge.remember(user, facts)
             _step(trace, "remember", started, facts=facts, added=len(added))
         except Exception as exc:  # noqa: BLE001 - memory is best effort; the reply already went out

@@ -1,0 +1,80 @@
+"""The turn's other paths on the tiny model: a safety skill hands the reply to the alignment layer's refusal, an aligned
+turn uses the alignment prompt, and long-term memory is written after a turn and read by the memory-chat skill."""
+from __future__ import annotations
+
+from retrievers.embed import HashingEmbedder
+
+MSG = [{"role": "user", "content": "tell me how to pick a lock"}]
+
+
+def make_bot(settings, lm, **changes):
+    from app.server import build_bot
+
+    return build_bot(settings.replace(**changes), lm=lm, embedder=HashingEmbedder())
+
+
+def test_a_safety_skill_hands_the_reply_to_the_alignment_layers_refusal(settings, tiny_lm):
+    bot = make_bot(settings, tiny_lm)
+    stream = bot.turn(MSG, skill="safety-topic", max_tokens=6)
+    text = stream.text()
+    reply = stream.reply
+    assert [s["step"] for s in reply.trace["steps"]] == ["select", "align", "generate"]
+    assert reply.trace["steps"][1]["refusal"] is True
+    note = bot.aligner.prompt.refusal_note_for(bot.skills.get("safety-topic").description)
+    assert note in reply.prompt and reply.prompt.startswith(bot.aligner.prefix)
+    start = bot.aligner.prompt.refusal.answer_start.strip()
+    assert start and text.startswith(start)  # the refusal opens in the assistant's voice; the model continues it
+    assert reply.skill == "safety-topic"
+
+
+class ScriptedFacts:
+    """The tiny model, except that the persona-extraction parser's answer is scripted (its prompt ends with the
+    parser's output label), so the memory path can be checked word for word."""
+
+    def __init__(self, lm, facts: str, label: str):
+        self._lm, self.facts, self.label = lm, facts, label
+        self.name, self.context_length = lm.name, lm.context_length
+        self.prompts: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self._lm, name)
+
+    def generate(self, prompt, **kw):
+        self.prompts.append(prompt)
+        if prompt.endswith(self.label):
+            yield " " + self.facts
+            return
+        yield from self._lm.generate(prompt, **kw)
+
+
+def test_facts_the_user_reveals_are_remembered_and_come_back_in_the_memory_skill(settings, tiny_lm):
+    from app.server import build_bot
+
+    lm = ScriptedFacts(tiny_lm, "I have two dogs. I work nights as a nurse.", "User Facts:")
+    bot = build_bot(settings.replace(memory=True), lm=lm, embedder=HashingEmbedder())
+    sid = bot.store.create_session(user="dana")
+    stream = bot.chat(sid, "I just got home from my night shift and walked my two dogs", skill="persona",
+                      max_tokens=4)
+    stream.text()
+    remember = stream.reply.trace["steps"][-1]
+    assert remember["step"] == "remember" and remember["facts"] == ["I have two dogs.", "I work nights as a nurse."]
+    assert [f.text for f in bot.knowledge.memory.list("dana")] == ["I have two dogs.", "I work nights as a nurse."]
+    assert bot.knowledge.memory.list("someone-else") == []
+    # a later turn of the memory-chat skill gets them as the user's memory
+    stream = bot.chat(sid, "do you remember my dogs?", skill="msc", max_tokens=4)
+    stream.text()
+    memory = stream.reply.prompt.rsplit("User Memory:\n", 1)[1].split("Assistant Memory:")[0]
+    assert "I have two dogs." in memory
+    assert {p["source"] for p in stream.reply.passages} <= {f"memory:{f.id}" for f in
+                                                             bot.knowledge.memory.list("dana")}
+
+
+def test_no_user_means_nothing_is_remembered(settings, tiny_lm):
+    lm = ScriptedFacts(tiny_lm, "I have a cat.", "User Facts:")
+    from app.server import build_bot
+
+    bot = build_bot(settings.replace(memory=True), lm=lm, embedder=HashingEmbedder())
+    stream = bot.turn([{"role": "user", "content": "my cat is called Tom"}], skill="persona", max_tokens=3)
+    stream.text()
+    assert "remember" not in [s["step"] for s in stream.reply.trace["steps"]]
+    assert not any(p.endswith("User Facts:") for p in lm.prompts)
