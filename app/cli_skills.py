@@ -1,0 +1,263 @@
+"""``fsb skills`` (list, check, show) and ``fsb eval skill``: the skill files from the command line.
+
+The groups are plain click groups that `app.cli` adds to ``fsb``; settings come from ``ctx.obj`` when it is a
+`Settings`, else from ``Settings.load()``. Domain errors (`SkillError`, `EvalError`) become click errors here.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import click
+import jinja2
+import yaml
+
+from .settings import Settings
+from .skills import Skill, SkillError, load_dir
+
+
+def _settings(ctx: click.Context, **overrides) -> Settings:
+    base = ctx.obj if isinstance(ctx.obj, Settings) else Settings.load()
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if "skills_dir" in changes:
+        changes["skills_dir"] = Path(changes["skills_dir"]).expanduser()
+    return base.replace(**changes) if changes else base
+
+
+def _skills(settings: Settings) -> dict[str, Skill]:
+    report = load_dir(settings.skills_dir)
+    for err in report.errors:
+        click.echo(f"warning: {err}", err=True)
+    return report.skills
+
+
+def _skill(settings: Settings, name: str) -> Skill:
+    skills = _skills(settings)
+    if name not in skills:
+        raise click.ClickException(f"unknown skill {name!r}; known: {', '.join(sorted(skills)) or 'none'} "
+                                   f"(in {settings.skills_dir})")
+    return skills[name]
+
+
+def live_problems(skill: Skill) -> list[SkillError]:
+    """Problems a live turn would hit that the examples cannot show: a field the template needs with no default.
+
+    A turn brings only the dialogue (and what the retriever or parser adds), so every other field the template uses
+    must have a value under ``defaults:``.
+    """
+    sample = skill.examples[0].get("dialogue") or [["", ""]]
+    first_user = next((str(t[0]) for t in sample if t and t[0]), "") or "-"
+    fields = {"dialogue": [[first_user, ""]]}
+    try:
+        skill.render_query(fields)
+    except jinja2.UndefinedError as exc:
+        return [SkillError(skill.path, _defaults_line(skill), f"a live turn cannot render: {exc.message}; give the "
+                                                               f"field a value under defaults:")]
+    except SkillError as exc:
+        return [exc]
+    except Exception as exc:  # noqa: BLE001 - any template failure is the author's to fix
+        return [SkillError(skill.path, _defaults_line(skill), f"a live turn cannot render: {exc}")]
+    return []
+
+
+def _defaults_line(skill: Skill) -> int:
+    try:
+        lines = Path(skill.path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return 1
+    for key in ("defaults:", "template:"):
+        for i, line in enumerate(lines, 1):
+            if line.startswith(key):
+                return i
+    return 1
+
+
+# ------------------------------------------------------------------------------------------------ fsb skills
+@click.group()
+def skills() -> None:
+    """Skill files: list them, validate them, show a rendered prompt."""
+
+
+@skills.command("list")
+@click.option("--json", "as_json", is_flag=True, help="one JSON list of objects")
+@click.option("--dir", "skills_dir", type=click.Path(file_okay=False), help="skill folder [env FSB_SKILLS_DIR]")
+@click.pass_context
+def skills_list(ctx, as_json, skills_dir) -> None:
+    """Every loaded skill: name, kind, retriever, query skill, examples, description."""
+    settings = _settings(ctx, skills_dir=skills_dir)
+    rows = [{"name": s.name, "kind": s.kind, "retriever": s.retriever, "query_skill": s.query_skill,
+             "dataset": s.dataset, "examples": len(s.examples), "target": s.target, "description": s.description,
+             "path": s.path} for s in sorted(_skills(settings).values(), key=lambda s: (s.kind, s.name))]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        via = f" <- {r['query_skill']}" if r["query_skill"] else ""
+        click.echo(f"{r['name']:<18} {r['kind']:<9} {r['retriever'] + via:<20} {r['examples']:>2} ex  "
+                   f"{r['description']}")
+
+
+@skills.command("check")
+@click.option("--dir", "skills_dir", type=click.Path(file_okay=False), help="skill folder [env FSB_SKILLS_DIR]")
+@click.pass_context
+def skills_check(ctx, skills_dir) -> None:
+    """Validate every skill file; print each problem as file:line: message and exit 1 if there is any."""
+    settings = _settings(ctx, skills_dir=skills_dir)
+    directory = settings.skills_dir
+    if not directory.is_dir():
+        raise click.ClickException(f"{directory}: not a folder")
+    report = load_dir(directory)
+    problems = list(report.errors)
+    for skill in report.skills.values():
+        problems.extend(live_problems(skill))
+    for err in sorted(problems, key=lambda e: (e.path, e.line)):
+        click.echo(str(err))
+    if problems:
+        raise SystemExit(1)
+    click.echo(f"{len(report.skills)} skills OK")
+
+
+def _parse_fields(pairs: tuple[str, ...]) -> dict:
+    fields = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r}: expected key=value", param_hint="--field")
+        try:
+            fields[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            fields[key.strip()] = value
+    return fields
+
+
+def token_counter(settings: Settings) -> tuple[Callable[[str], int], str]:
+    """The settings model's tokenizer (without loading its weights where possible), and its name."""
+    if settings.model == "tiny":
+        from .lm.tiny import build_tokenizer, corpus_from
+
+        tok = build_tokenizer(corpus_from([settings.skills_dir, settings.prompts_dir]))
+    else:
+        from transformers import AutoTokenizer
+
+        path = settings.model
+        if path.startswith("embedded:"):
+            from .lm.embedded import ensure_checkpoint
+
+            path = str(ensure_checkpoint(settings.models_dir))
+        tok = AutoTokenizer.from_pretrained(path)
+    return (lambda text: len(tok(text, add_special_tokens=False).input_ids)), settings.model
+
+
+@skills.command("show")
+@click.argument("name")
+@click.option("--dialogue", "messages", multiple=True,
+              help="a message; repeat to alternate user / bot, ending on the user (default: the first example's)")
+@click.option("--field", "field_pairs", multiple=True, help="key=value (value read as YAML: lists work); repeatable")
+@click.option("--model", help="whose tokenizer counts tokens: 'tiny', a model id or path [env FSB_MODEL]")
+@click.option("--budget", type=int, help="prompt token budget [default: context_tokens from the settings]")
+@click.option("--dir", "skills_dir", type=click.Path(file_okay=False), help="skill folder [env FSB_SKILLS_DIR]")
+@click.pass_context
+def skills_show(ctx, name, messages, field_pairs, model, budget, skills_dir) -> None:
+    """Print the prompt NAME renders for a dialogue, and its token count."""
+    settings = _settings(ctx, model=model, skills_dir=skills_dir)
+    skill = _skill(settings, name)
+    fields = _parse_fields(field_pairs)
+    if messages:
+        msgs = list(messages) + ([""] if len(messages) % 2 else [])
+        fields["dialogue"] = [[msgs[i], msgs[i + 1]] for i in range(0, len(msgs), 2)]
+    elif "dialogue" not in fields:
+        example = [list(t) + [""] for t in skill.examples[0].get("dialogue") or []]
+        if skill.target == "dialogue" and example:
+            example[-1][1] = ""
+        fields["dialogue"] = [t[:2] for t in example]
+        if skill.target == "dialogue":  # the example's own persona, knowledge, KB rows ...
+            fields = {**{k: v for k, v in skill.examples[0].items() if k != "dialogue"}, **fields}
+    try:
+        count, counted_by = token_counter(settings)
+    except Exception as exc:  # noqa: BLE001 - no tokenizer: show the prompt anyway, counted in words
+        click.echo(f"warning: no tokenizer for {settings.model} ({exc}); counting words", err=True)
+        count, counted_by = (lambda text: len(text.split())), "words"
+    try:
+        prompt = skill.prompt(fields, budget_tokens=budget or settings.context_tokens, count_tokens=count)
+    except SkillError as exc:
+        raise click.ClickException(str(exc)) from None
+    except jinja2.UndefinedError as exc:
+        raise click.ClickException(f"{skill.path}: {exc.message}; pass it with --field KEY=VALUE") from None
+    click.echo(prompt.text)
+    click.echo(f"--- {count(prompt.text)} tokens ({counted_by}), {prompt.examples} examples"
+               + (f", {prompt.dropped} dropped to fit {budget or settings.context_tokens}" if prompt.dropped else "")
+               + f"; stops at {skill.stop!r}, up to {skill.generation.max_new_tokens} new tokens", err=True)
+
+
+# -------------------------------------------------------------------------------------------------- fsb eval
+@click.group("eval")
+def eval_group() -> None:
+    """Measure skills and the selector on dialogue data shaped like shared/data (see its README)."""
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+@eval_group.command("skill")
+@click.argument("name")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, path_type=Path),
+              help="a data folder (…/fsb/wow) or its JSON file")
+@click.option("--dataset", help="the data folder's kind when the path does not say it (e.g. wow, mwoz-hotel)")
+@click.option("--limit", type=int, default=20, show_default=True, help="at most this many scored turns")
+@click.option("--turns", type=click.Choice(["last", "all"]), default="last", show_default=True,
+              help="score the last turn with a gold answer of each record, or every such turn")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--model", help="HF model id or path, 'tiny', or the default embedded model [env FSB_MODEL]")
+@click.option("--no-ppl", is_flag=True, help="skip the gold reply's perplexity (response skills)")
+@click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path),
+              help="write every prediction beside its gold reply as JSON lines")
+@click.option("--dir", "skills_dir", type=click.Path(file_okay=False), help="skill folder [env FSB_SKILLS_DIR]")
+@click.pass_context
+def eval_skill(ctx, name, data_path, dataset, limit, turns, as_json, model, no_ppl, predictions, skills_dir) -> None:
+    """Run skill NAME over the records in --data and print the paper's metrics beside its GPT-J-6B figures.
+
+    Response skills: unigram F1 and BLEU against the gold reply, knowledge F1 (kf1) where the data gives the knowledge,
+    entity F1 on SMD, perplexity of the gold reply. Parsers: exact_match and query_f1 (and triple_f1 for KG paths);
+    dialogue state: joint_goal_accuracy and slot_f1. All in percent.
+    """
+    from .evaluation.skill_eval import EvalError, dataset_name, evaluate, read_records, samples_for
+    from .lm import LMError, load_lm
+
+    settings = _settings(ctx, model=model, skills_dir=skills_dir)
+    skill = _skill(settings, name)
+    folder = (dataset or dataset_name(data_path)).lower()
+    try:
+        samples = samples_for(skill, read_records(data_path), folder, turns=turns, limit=limit,
+                              history=settings.history_turns)
+    except EvalError as exc:
+        raise click.ClickException(str(exc)) from None
+    loading = time.perf_counter()
+    lm = load_lm(settings, progress=lambda line: click.echo(line, err=True))
+    which = "the last scored turn of each record" if turns == "last" else "every scored turn"
+    click.echo(f"{settings.model} loaded in {time.perf_counter() - loading:.1f} s; {len(samples)} turns of {folder} "
+               f"({which})", err=True)
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            click.echo(f"\r{done}/{total}", nl=done == total, err=True)
+
+    try:
+        result = evaluate(skill, samples, lm, folder, settings.context_tokens, turns=turns, perplexity=not no_ppl,
+                          progress=progress)
+    except (LMError, SkillError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if predictions:
+        predictions.write_text("".join(json.dumps(r) + "\n" for r in result.predictions), encoding="utf-8")
+    out = result.to_json()
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"skill {out['skill']} on {out['dataset']}: n={out['n']} ({turns} turns), {out['examples']} shots, "
+               f"{out['model']}, {out['seconds']} s ({out['seconds_per_sample']} s/turn)")
+    click.echo(f"{'metric':<22}{'ours':>10}{'paper GPT-J-6B':>18}")
+    for key, value in result.metrics.items():
+        click.echo(f"{key:<22}{_fmt(value):>10}{_fmt(result.paper.get(key)):>18}")
