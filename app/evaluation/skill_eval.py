@@ -164,8 +164,9 @@ def _whole_record(gold_key: str, to_text: Callable[[Any], str]):
     return samples
 
 
-def _per(extra):
-    return lambda record, index, history: _per_turn(record, index, history, extra)
+def _per(extra, history: int | None = None):
+    """Every turn of a record; ``history`` fixes the window where the runtime does (msc-parse sees one turn)."""
+    return lambda record, index, window: _per_turn(record, index, history or window, extra)
 
 
 ADAPTERS: dict[str, Callable[[dict, int, int], Iterator[Sample]]] = {
@@ -180,7 +181,7 @@ ADAPTERS: dict[str, Callable[[dict, int, int], Iterator[Sample]]] = {
     "smd-schedule": _per(_smd),
     "smd-weather": _per(_smd),
     **{f"mwoz-{d}": _per(_mwoz) for d in ("hotel", "restaurant", "taxi", "train", "attraction")},
-    "msc-parse": _per(_msc_parse),
+    "msc-parse": _per(_msc_parse, history=1),  # the bot hands the memory writer the user's last message only
     "wit-parse": _whole_record("query", lambda q: str(q or "").strip()),
     "dialkg-parse": _whole_record("query", lambda q: _path_text(_triples(q or []))),
 }
