@@ -109,15 +109,18 @@ def text_of(lm, n_tokens: int, seed: int = 0) -> str:
 
 
 # ------------------------------------------------------------------------------------------- measurements
-def decode_tok_s(lm, prompt: str, n: int) -> float:
-    """Tokens after the first / seconds after the first, one stream, greedy."""
-    stats: dict = {}
-    first = None
-    for _ in lm.generate(prompt, max_new_tokens=n, stats=stats):
-        if first is None:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    return (stats.get("tokens", n) - 1) / max(end - first, 1e-9)
+def decode_tok_s(lm, prompt: str, n: int, repeat: int = 3) -> float:
+    """Tokens after the first / seconds after the first, one stream, greedy; the median of ``repeat`` runs."""
+    rates = []
+    for _ in range(repeat):
+        stats: dict = {}
+        first = None
+        for _ in lm.generate(prompt, max_new_tokens=n, stats=stats):
+            if first is None:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        rates.append((stats.get("tokens", n) - 1) / max(end - first, 1e-9))
+    return statistics.median(rates)
 
 
 def ttft_ms(lm, prompt: str, prefix: str | None, repeat: int = 5) -> float:
@@ -151,6 +154,7 @@ def aggregate_tok_s(lm, prompts: list[str], n: int) -> float:
 
 def run_lm(lm, *, single, batched, tokens: int, concurrency: list[int], prefix_tokens: int, suffix_tokens: int):
     """The figures for one model, measured through ``single`` (one stream) and ``batched`` (many chats)."""
+    decode_tok_s(single, text_of(lm, 20, seed=5), 4, repeat=1)  # first calls are slow (kernels, connections)
     head = text_of(lm, prefix_tokens, seed=1)
     tail = " " + text_of(lm, suffix_tokens, seed=2)
     out = {"decode_tok_s_single": decode_tok_s(single, text_of(lm, 100, seed=3), tokens)}
@@ -182,7 +186,7 @@ def bench_shape(shape: str, args, device: str, gbps: float) -> dict:
     batched = BatchedLM(lm, max_batch=max(args.concurrency))
     try:
         single = lm
-        decode_tok_s(single, text_of(lm, 100, seed=4), 8)  # warm the eager paths too
+        decode_tok_s(single, text_of(lm, 100, seed=4), 8, repeat=2)  # warm the eager paths too
         row.update(run_lm(lm, single=single, batched=batched, **kw))
         if lm.fast is not None:
             plain, lm.fast = lm.fast, None
@@ -252,7 +256,7 @@ def main(argv=None) -> int:
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
               "tiny": args.tiny, "bandwidth_gbps": gbps, "tokens_per_stream": args.tokens,
               "prefix_tokens": args.prefix, "suffix_tokens": args.suffix, "models": []}
-    for shape in args.models.split(","):
+    for shape in filter(None, args.models.split(",")):
         result["models"].append(bench_shape(shape, args, device, gbps))
     if args.embedded:
         result["models"].append(bench_embedded(args))
