@@ -140,13 +140,14 @@ def format_report(r: dict) -> str:
 @click.option("--shots", type=int, default=DEFAULT_SHOTS, show_default=True,
               help="Example dialogues per skill in each selector prompt.")
 @click.option("--history-turns", type=int, default=5, show_default=True)
-@click.option("--shortlist", type=int, default=None, help="Hybrid: skills shortlisted by embeddings.")
+@click.option("--shortlist", type=int, default=None, help="Hybrid: skills shortlisted by embeddings [default: 3].")
+@click.option("--weight", type=float, default=None, help="Hybrid: weight of the embedding score [default: 1.0].")
 @click.option("--model", default=None, help="LM to score with [default: settings / FSB_MODEL].")
 @click.option("--precision", type=click.Choice(["auto", "exact", "bf16"]), default="auto", show_default=True,
               help="Prompt scoring in exact float32 or bfloat16 (auto: bf16 where it is fast).")
 @click.option("--safety/--no-safety", default=False, help="Also offer the pool's safety-* labels.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a list under 'results' for 'all').")
-def selector_command(data, pool, methods, limit, shots, history_turns, shortlist, model, precision, safety,
+def selector_command(data, pool, methods, limit, shots, history_turns, shortlist, weight, model, precision, safety,
                      as_json):
     """Accuracy, macro-F1, confusion matrix and median latency of the skill selector(s)."""
     from ..settings import Settings
@@ -179,7 +180,7 @@ def selector_command(data, pool, methods, limit, shots, history_turns, shortlist
     layout = SelectorLayout.load(settings.prompts_dir / "selector.yaml")
     results = []
     for m in names:
-        kw = {"shortlist": shortlist} if shortlist else {}
+        kw = {k: v for k, v in {"shortlist": shortlist, "weight": weight}.items() if v is not None}
         sel = Selector(lambda: candidates, lm=lm, embedder=embedder, layout=layout, method=m,
                        history_turns=history_turns, low_precision={"auto": "auto", "exact": False, "bf16": True}[precision],
                        **kw)
