@@ -99,8 +99,14 @@ def chat(ctx, skill, session_id, **opts) -> None:
 
 def _register() -> None:
     from .cli_knowledge import kb, kg, memory
+    from .cli_skills import eval_group, skills
+    from .evaluation.align_eval import align_command
+    from .evaluation.retrieval_eval import retrieval_command
+    from .evaluation.selector_eval import selector_command
 
-    for group in (kb, kg, memory):
+    for command in (selector_command, align_command, retrieval_command):
+        eval_group.add_command(command)
+    for group in (skills, kb, kg, memory, eval_group):
         cli.add_command(group)
 
 

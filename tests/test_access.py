@@ -66,10 +66,15 @@ def test_a_users_sessions_and_memories_are_not_readable_with_another_key(server)
     assert [s["id"] for s in httpx.get(server.url + "/api/sessions", headers=A).json()] == [sid]
     r = httpx.post(server.url + "/api/chat", json={"message": "hijack", "session_id": sid}, headers=B)
     assert r.status_code == 404
+    # The turn above may already have stored what the (random) tiny model extracted; only our fact matters here.
     server.bot.knowledge.memory.add("alice", ["I have a cat called Tom."])
-    assert [m["text"] for m in httpx.get(server.url + "/api/memory", headers=A).json()] == ["I have a cat called Tom."]
+    facts = {m["text"]: m["id"] for m in httpx.get(server.url + "/api/memory", headers=A).json()}
+    assert "I have a cat called Tom." in facts
     assert httpx.get(server.url + "/api/memory?user=alice", headers=B).json() == []
-    fact = httpx.get(server.url + "/api/memory", headers=A).json()[0]["id"]
+    assert httpx.get(server.url + "/api/memory", headers=B).json() == []
+    fact = facts["I have a cat called Tom."]
     assert httpx.delete(f"{server.url}/api/memory/{fact}", headers=B).status_code == 404
+    assert "I have a cat called Tom." in [m["text"] for m in httpx.get(server.url + "/api/memory", headers=A).json()]
     assert httpx.delete(f"{server.url}/api/memory/{fact}", headers=A).json() == {"deleted": 1}
-    assert httpx.get(server.url + "/api/memory", headers=A).json() == []
+    assert "I have a cat called Tom." not in [m["text"] for m in
+                                              httpx.get(server.url + "/api/memory", headers=A).json()]

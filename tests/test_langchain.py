@@ -29,5 +29,11 @@ def test_chain_against_the_live_server_streams_the_same_reply(live_server):
     prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
     model = FewShotBotChat(base_url=live_server.url, skill="persona", max_tokens=6)
     chain = prompt | model | StrOutputParser()
-    text = chain.invoke({"question": "tell me about your day"})
-    assert text and text == "".join(chain.stream({"question": "tell me about your day"}))
+    # The tiny model has random weights: a question whose reply starts with a stop string gives an empty reply, so
+    # take the first question that gives a non-empty one and check that streaming returns exactly the same text.
+    for question in ("tell me about your day", "what do you like to do?", "hi! how are you?", "any pets?"):
+        text = chain.invoke({"question": question})
+        if text:
+            break
+    assert text, "every question gave an empty reply"
+    assert text == "".join(chain.stream({"question": question}))
