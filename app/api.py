@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .bot import BadRequest, Bot, TurnStream
+from .lm import Sampling
 from .storage import SessionNotFound
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,21 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     user: StrictStr | None = None
     session_id: StrictStr | None = None
+
+
+class CompletionRequest(BaseModel):
+    """The OpenAI legacy completion request: the raw language model continues ``prompt`` (no skill, no alignment)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    prompt: Union[StrictStr, list[StrictStr]]
+    stream: StrictBool = False
+    max_tokens: int | None = Field(16, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: Union[StrictStr, list[StrictStr], None] = None
+    user: StrictStr | None = None
 
 
 class NativeChatRequest(BaseModel):
@@ -154,6 +170,44 @@ class Busy(Exception):
     pass
 
 
+class RateLimited(Exception):
+    def __init__(self, retry_after: float):
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+class RateLimit:
+    """Per-client token bucket: ``per_minute`` requests a minute, in bursts of up to that many; 0 turns it off.
+
+    A client is its API key's user when keys are on, else its address. Idle buckets are dropped, so memory stays
+    bounded by the clients seen in the last minute.
+    """
+
+    def __init__(self, per_minute: int, clock=time.monotonic):
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill)
+        self._lock = threading.Lock()
+
+    def wait_for(self, client: str) -> float:
+        """0 when ``client`` may go now (and charges it one request), else the seconds until it may."""
+        if self.capacity <= 0:
+            return 0.0
+        now = self.clock()
+        with self._lock:
+            if len(self._buckets) > 10_000:
+                full = 60.0
+                self._buckets = {c: b for c, b in self._buckets.items() if now - b[1] < full}
+            tokens, last = self._buckets.get(client, (self.capacity, now))
+            tokens = min(self.capacity, tokens + (now - last) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[client] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[client] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+
+
 def parse_keys(spec: str) -> dict[str, str]:
     """``FSB_API_KEY``: one key (its user is "default") or ``user:key,user:key``; returns key -> user."""
     keys: dict[str, str] = {}
@@ -206,7 +260,15 @@ def create_app(bot: Bot, settings) -> FastAPI:
     app.add_middleware(KeyAuth, keys=parse_keys(settings.api_key))
     app.state.bot = bot
     admission = Admission(settings.max_active, settings.max_waiting)
+    rate_limit = RateLimit(settings.rate_limit)
     auth_on = bool(parse_keys(settings.api_key))
+
+    def limited(request: Request) -> None:
+        """Charge the caller one request against its per-minute budget (``FSB_RATE_LIMIT``); 429 beyond it."""
+        client = request.scope.get("state", {}).get("user") if auth_on else None
+        wait = rate_limit.wait_for(client or (request.client.host if request.client else "?"))
+        if wait:
+            raise RateLimited(wait)
 
     def caller(request: Request, asked: str | None = None) -> str:
         """The user a request acts for: its key's user when keys are on, else the ``user`` it names."""
@@ -248,6 +310,13 @@ def create_app(bot: Bot, settings) -> FastAPI:
         return error_response(429, "the bot is busy with other chats; retry shortly", type_="rate_limit_error",
                               code="busy", headers={"Retry-After": "2"})
 
+    @app.exception_handler(RateLimited)
+    async def _rate_limited(request: Request, exc: RateLimited):
+        seconds = max(1, int(exc.retry_after + 0.999))
+        return error_response(429, f"rate limit: {settings.rate_limit} requests a minute per client; retry in "
+                              f"{seconds} s", type_="rate_limit_error", code="rate_limit_exceeded",
+                              headers={"Retry-After": str(seconds)})
+
     def admitted(run):
         """Run ``run()`` (which starts a turn) inside an admission slot; the slot is released when the turn's
         stream ends, or at once if starting it failed."""
@@ -283,6 +352,7 @@ def create_app(bot: Bot, settings) -> FastAPI:
     @app.post("/v1/chat/completions", tags=["openai"])
     def chat_completions(req: ChatCompletionRequest, request: Request):
         skill = _skill_from_model(req.model, bot)
+        limited(request)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         sampling = {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}
         asked = req.max_completion_tokens or req.max_tokens
@@ -310,11 +380,71 @@ def create_app(bot: Bot, settings) -> FastAPI:
             "fsb": {"skill": reply.skill, "sources": reply.passages},
         }
 
+    @app.post("/v1/completions", tags=["openai"])
+    def completions(req: CompletionRequest, request: Request):
+        """Raw completion: the language model continues the prompt as it is (no skill, no alignment layer)."""
+        if req.model not in (MODEL_AUTO, bot.lm.name):
+            raise BadRequest(f"unknown model {req.model!r}; raw completion serves 'fsb' (the loaded model, "
+                             f"{bot.lm.name})", "model", "model_not_found")
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if not prompts or not all(prompts):
+            raise BadRequest("prompt must be a non-empty string or a list of non-empty strings", "prompt")
+        if req.stream and len(prompts) > 1:
+            raise BadRequest("stream: true takes one prompt", "prompt")
+        limit = min(req.max_tokens or 16, settings.max_tokens)
+        for p in prompts:
+            if bot.lm.count_tokens(p) + limit > bot.lm.context_length:
+                raise BadRequest(f"the prompt and max_tokens ({limit}) exceed the model's context of "
+                                 f"{bot.lm.context_length} tokens", "prompt", "context_length_exceeded")
+        stops = [req.stop] if isinstance(req.stop, str) else [s for s in (req.stop or []) if s]
+        limited(request)
+        base = Sampling()
+        sampling = base.with_overrides(**{k: v for k, v in (("temperature", req.temperature), ("top_p", req.top_p),
+                                                            ("seed", req.seed)) if v is not None})
+        cid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+
+        def run_one(prompt: str):
+            stats: dict = {}
+            return stats, bot.lm.generate(prompt, stop=stops, max_new_tokens=limit, sampling=sampling, stats=stats)
+
+        if req.stream:
+            stats, pieces = admitted(lambda: run_one(prompts[0]))
+
+            def held():
+                try:
+                    yield from pieces
+                finally:
+                    pieces.close()
+                    admission.leave()
+
+            return StreamingResponse(_completion_sse(held(), stats, cid, created, req.model),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for index, prompt in enumerate(prompts):
+            stats, pieces = admitted(lambda: run_one(prompt))
+            try:
+                text = "".join(pieces)
+            except Exception as exc:  # noqa: BLE001 - a model failure is this request's error, not the server's
+                log.exception("completion %s failed", cid)
+                return error_response(500, f"the model failed: {exc}", type_="server_error", code="generation_failed")
+            finally:
+                admission.leave()
+            prompt_tokens += bot.lm.count_tokens(prompt)
+            completion_tokens += int(stats.get("tokens", 0))
+            choices.append({"index": index, "text": text, "logprobs": None,
+                            "finish_reason": _finish(stats.get("finish"))})
+        return {"id": cid, "object": "text_completion", "created": created, "model": req.model, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
     @app.post("/api/chat", tags=["native"])
     def native_chat(req: NativeChatRequest, request: Request) -> dict:
         """One turn in a stored session (created when ``session_id`` is absent): reply, skill, sources and trace."""
         if req.skill is not None:
             bot.skill_for(req.skill)
+        limited(request)
         user = caller(request, req.user)
         if req.session_id:
             owned_session(request, req.session_id)
@@ -385,6 +515,29 @@ def _skill_from_model(model: str, bot: Bot) -> str | None:
         return name
     raise BadRequest(f"unknown model {model!r}; use 'fsb' (automatic skill) or 'fsb:<skill>' (see /v1/models)",
                      "model", "model_not_found")
+
+
+def _finish(reason: str | None) -> str:
+    """OpenAI's finish reasons: a stop string or end of text is "stop", the token limit "length"."""
+    return "length" if reason == "length" else "stop"
+
+
+def _completion_sse(pieces: Iterator[str], stats: dict, cid: str, created: int, model: str) -> Iterator[str]:
+    def chunk(text: str, finish: str | None = None) -> str:
+        body = {"id": cid, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        for piece in pieces:
+            yield chunk(piece)
+        yield chunk("", _finish(stats.get("finish")))
+    except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
+        log.exception("completion stream %s failed", cid)
+        err = {"error": {"message": f"the completion failed midway: {exc}", "type": "server_error", "param": None,
+                         "code": "generation_failed"}}
+        yield f"data: {json.dumps(err)}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def _sse(stream: TurnStream, pieces: Iterator[str], cid: str, model: str) -> Iterator[str]:

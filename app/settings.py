@@ -45,6 +45,7 @@ class Settings:
     max_tokens: int = 1024  # cap on any request's max_tokens
     max_active: int = 4  # turns generating at once (they interleave token by token)
     max_waiting: int = 16  # turns queued behind them; beyond that: 429 with Retry-After
+    rate_limit: int = 0  # requests a minute per client (API key user, else address) on the generating routes; 0 = off
     context_tokens: int = 2048  # prompt budget: examples + knowledge + history + reply
     history_turns: int = 8
     prefix_cache_entries: int = 32
