@@ -6,14 +6,20 @@ STAMP   := $(VENV)/.fsb-installed
 TORCH   ?= torch==2.13.0
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
+LLAMA   ?= llama-cpp-python[server]>=0.3.16
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+                    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 
 .PHONY: setup serve test browser bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# llama-cpp-python's OpenAI-compatible server, for the remote-backend tests (a real server on loopback). PyPI has
+	# only its source: the first build takes several minutes on 2 cores; pip caches the wheel for later setups.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install --quiet "$(LLAMA)"
 	touch $(STAMP)
 
 setup: $(STAMP)

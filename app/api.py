@@ -19,6 +19,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from retrievers.base import RetrieverError
+
 from .bot import BadRequest, Bot, TurnStream
 from .lm import Sampling
 from .storage import SessionNotFound
@@ -333,6 +335,10 @@ def create_app(bot: Bot, settings) -> FastAPI:
             yield from stream
         finally:
             admission.leave()
+
+    @app.exception_handler(RetrieverError)
+    async def _retriever(request: Request, exc: RetrieverError):
+        return error_response(400, str(exc), code="invalid_value")
 
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from .lm import LM, Sampling
+from .selector import turn_level
 from .skills import Skill, SkillRegistry
 from .storage import Store
 
@@ -104,7 +105,7 @@ class Bot:
     """
 
     def __init__(self, settings, lm: LM, skills: SkillRegistry, store: Store | None = None, selector=None,
-                 aligner=None, knowledge=None, messages: dict | None = None):
+                 aligner=None, knowledge=None, messages: dict | None = None, safety=None):
         self.settings = settings
         self.lm = lm
         self.skills = skills
@@ -113,6 +114,7 @@ class Bot:
         self.aligner = aligner
         self.knowledge = knowledge
         self.messages = messages or {}
+        self.safety = safety
 
     # --------------------------------------------------------------------------------------------- choices
     def skill_for(self, name: str | None) -> Skill:
@@ -135,9 +137,19 @@ class Bot:
 
     def _select(self, dialogue, forced: str | None, trace: dict) -> Skill:
         started = time.perf_counter()
+        last = dialogue[-1][0] if dialogue else ""
+        triggered = None if forced else self._triggered(last)
         if forced:
             skill = self.skill_for(forced)
             trace["selection"] = {"skill": skill.name, "method": "forced", "forced": True, "scores": {}}
+        elif triggered is not None:
+            skill, pattern = triggered
+            trace["selection"] = {"skill": skill.name, "method": "trigger", "trigger": pattern, "forced": False,
+                                  "scores": {}}
+        elif (unsafe := self._safety_check(last, trace)) is not None:
+            skill = unsafe
+            trace["selection"] = {"skill": skill.name, "method": "safety" if skill.kind == "safety" else "last-turn",
+                                  "forced": False, "scores": trace["safety"]["scores"]}
         elif self.selector is not None:
             selection = self.selector.select(dialogue)
             skill = self.skill_for(selection.skill)
@@ -147,6 +159,43 @@ class Bot:
             trace["selection"] = {"skill": skill.name, "method": "default", "forced": False, "scores": {}}
         _step(trace, "select", started, skill=skill.name)
         return skill
+
+    def _triggered(self, message: str) -> tuple[Skill, str] | None:
+        """A skill whose ``triggers`` match the user's message (safety skills first), with the matching pattern."""
+        skills = self.skills.all(kind="safety") + self.skills.all(kind="response")
+        for skill in skills:
+            pattern = skill.triggered_by(message) if message else None
+            if pattern is not None:
+                return skill, pattern
+        return None
+
+    def flagged(self, message: str) -> Skill | None:
+        """The safety skill that would decline ``message`` as a turn of its own (a trigger or the first stage)."""
+        triggered = self._triggered(message)
+        if triggered is not None:
+            return triggered[0] if triggered[0].kind == "safety" else None
+        winner = self._safety_check(message, {"steps": []})
+        return winner if winner is not None and winner.kind == "safety" else None
+
+    def _safety_check(self, message: str, trace: dict) -> Skill | None:
+        """Score the user's last message alone against the safety and response skills.
+
+        Some winners are taken from here, because the history must not outvote them (`app.selector.turn_level`): a
+        safety skill (the turn is declined), an aligned skill such as the general assistant (a one-off instruction or
+        question, answered by the alignment layer) and a knowledge skill (a question about something new). Any other
+        winner returns None and the history-based selector decides.
+        """
+        if self.safety is None or not message.strip():
+            return None
+        started = time.perf_counter()
+        selection = self.safety.select([[message, ""]])
+        winner = self.skills.get(selection.skill) if selection.skill in self.skills else None
+        flagged = winner is not None and winner.kind == "safety"
+        takes = winner is not None and turn_level(winner)
+        trace["safety"] = {"skill": selection.skill, "flagged": flagged,
+                           "scores": {k: round(v, 4) for k, v in selection.scores.items()}}
+        _step(trace, "safety", started, skill=selection.skill, flagged=flagged)
+        return winner if takes else None
 
     # ------------------------------------------------------------------------------------------------ turn
     def turn(
@@ -198,7 +247,7 @@ class Bot:
             reply = Reply(text=text, skill=chosen.name, prompt=prompt_text, passages=passages, trace=trace,
                           finish_reason="length" if stats.get("finish") == "length" else "stop",
                           prompt_tokens=trace.get("prompt_tokens", 0), completion_tokens=tokens)
-            if user and self.knowledge is not None and self.settings.memory:
+            if user and self.knowledge is not None and self.settings.memory and chosen.kind != "safety":
                 self._remember(user, dialogue, trace)
             return reply
 
@@ -243,13 +292,23 @@ class Bot:
         if name not in self.skills:
             return
         started = time.perf_counter()
+        split = self.messages.get("fact_split", r"(?<=[.!?])\s+")
+        # Questions reveal nothing lasting about the user: only the message's statements go to the parser.
+        statements = [x.strip() for x in re.split(split, dialogue[-1][0].strip()) if x.strip()
+                      and not x.strip().endswith("?")]
+        if not statements:
+            _step(trace, "remember", started, facts=[], added=0, skipped="no statements in the message")
+            return
         try:
-            text = self._run_parser(self.skills.get(name), [[dialogue[-1][0], ""]])
-            parts = re.split(self.messages.get("fact_split", r"(?<=[.!?])\s+"), text.strip())
+            text = self._run_parser(self.skills.get(name), [[" ".join(statements), ""]])
             no_facts = {x.lower() for x in self.messages.get("no_facts", ["none"])}
-            facts = [f.strip() for f in parts if f.strip() and f.strip().rstrip(".").lower() not in no_facts]
+            keep = re.compile(self.messages.get("fact_keep", r"^(i|my|i'm|i've|i'd|i'll)\b"), re.IGNORECASE)
+            found = [f.strip() for f in re.split(split, text.strip()) if f.strip()
+                     and f.strip().rstrip(".").lower() not in no_facts]
+            facts = [f for f in found if keep.search(f)]
             added = self.knowledge.remember(user, facts)
-            _step(trace, "remember", started, facts=facts, added=len(added))
+            _step(trace, "remember", started, facts=facts, added=len(added),
+                  dropped=[f for f in found if f not in facts] or None)
         except Exception as exc:  # noqa: BLE001 - memory is best effort; the reply already went out
             log.warning("memory update failed: %s", exc)
             _step(trace, "remember", started, error=str(exc))

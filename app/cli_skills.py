@@ -136,9 +136,9 @@ def _parse_fields(pairs: tuple[str, ...]) -> dict:
 def token_counter(settings: Settings) -> tuple[Callable[[str], int], str]:
     """The settings model's tokenizer (without loading its weights where possible), and its name."""
     if settings.model == "tiny":
-        from .lm.tiny import build_tokenizer, corpus_from
+        from .lm.tiny import build_tokenizer, default_corpus
 
-        tok = build_tokenizer(corpus_from([settings.skills_dir, settings.prompts_dir]))
+        tok = build_tokenizer(default_corpus())
     else:
         from transformers import AutoTokenizer
 

@@ -157,6 +157,16 @@ def candidates_from_skills(skills: Iterable) -> list[Candidate]:
     return out
 
 
+# Skills that the user's last message decides on its own, whatever the history was about: a safety skill (decline),
+# an aligned skill such as the general assistant (a one-off instruction or question), and a skill that looks
+# knowledge up (a question about something new). The bot's turn and `fsb eval selector --selector pipeline` use it.
+TURN_LEVEL_RETRIEVERS = ("kb", "web", "kg")
+
+
+def turn_level(skill) -> bool:
+    return skill.kind == "safety" or bool(skill.aligned) or skill.retriever in TURN_LEVEL_RETRIEVERS
+
+
 def registry_source(registry, include_safety: bool = False) -> Callable[[], list[Candidate]]:
     """Candidates from a `SkillRegistry`, re-read on every call (so a new or edited skill file counts at once)."""
 

@@ -35,15 +35,20 @@ def build_bot(settings: Settings, lm=None, embedder=None, web=None):
     knowledge = Knowledge(db, embedder, web=web or WebSearch(db, backend=settings.web_backend))
     if settings.starter_kb and not knowledge.kb.list():
         _ingest_starter_kb(knowledge)
-    selector = None
+    selector = safety = None
     if settings.selector != "off":
-        selector = Selector(registry_source(skills, include_safety=True), lm=lm, embedder=embedder,
-                            layout=SelectorLayout.load(settings.prompts_dir / "selector.yaml"),
+        layout = SelectorLayout.load(settings.prompts_dir / "selector.yaml")
+        selector = Selector(registry_source(skills), lm=lm, embedder=embedder, layout=layout,
                             method=settings.selector, fallback=settings.fallback_skill or None)
+        if settings.safety:
+            # Safety first, on the user's last message alone: every safety skill competes with every response
+            # skill, and a safety win sends the turn down the refusal path whatever the history was about.
+            safety = Selector(registry_source(skills, include_safety=True), lm=lm, embedder=embedder, layout=layout,
+                              method=settings.selector, history_turns=1)
     aligner = Aligner(lm, settings, variant=settings.align_variant)
     messages = yaml.safe_load((settings.prompts_dir / "messages.yaml").read_text(encoding="utf-8"))
     return Bot(settings, lm, skills, store, selector=selector, aligner=aligner, knowledge=knowledge,
-               messages=messages)
+               messages=messages, safety=safety)
 
 
 def _ingest_starter_kb(knowledge) -> None:
@@ -69,6 +74,8 @@ def build_app(settings: Settings, lm=None, bot=None):
         started = time.perf_counter()
         print("[fsb] warming the skill selector …", file=sys.stderr, flush=True)
         bot.selector.warm()
+        if bot.safety is not None:
+            bot.safety.warm()
         print(f"[fsb] selector ready in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     app = create_app(bot, settings)
     keys = parse_keys(settings.api_key)

@@ -33,6 +33,7 @@ class Settings:
     prompts_dir: Path = REPO_ROOT / "prompts"
     default_skill: str = "persona"
     selector: str = "best"  # prompt | embedding | hybrid | best | off
+    safety: bool = True  # safety skills check the user's last message before the selector (needs the selector)
     fallback_skill: str = ""  # answers when no selector score is confident ("" = keep the winner)
     align_variant: str = "short"  # prompts/align-<variant>.yaml
     memory: bool = True  # extract facts from user turns into long-term memory (needs a user)

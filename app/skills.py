@@ -9,6 +9,7 @@ the registry keeps serving the last good version of a broken file.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ class Skill(BaseModel):
     retriever: Literal["none", "kb", "kg", "web", "memory"] = "none"
     query_skill: str | None = None
     aligned: bool = False
+    triggers: list[str] = []  # regular expressions; a user turn matching one picks this skill without scoring
     selector_shots: int = Field(2, ge=0)
     speakers: Speakers = Speakers()
     template: str
@@ -71,6 +73,25 @@ class Skill(BaseModel):
 
     path: str = Field("", exclude=True)
     example_lines: list[int] = Field(default_factory=list, exclude=True)
+
+    @field_validator("triggers")
+    @classmethod
+    def _triggers_compile(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            if not pattern.strip():
+                raise ValueError("a trigger may not be empty")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"trigger {pattern!r} is not a valid regular expression: {exc}") from None
+        return v
+
+    def triggered_by(self, message: str) -> str | None:
+        """The first trigger that matches ``message`` (case-insensitive), or None."""
+        for pattern in self.triggers:
+            if re.search(pattern, message, flags=re.IGNORECASE):
+                return pattern
+        return None
 
     @field_validator("stop")
     @classmethod

@@ -14,9 +14,9 @@ from app.settings import REPO_ROOT, Settings
 
 @pytest.fixture(scope="session")
 def tiny_lm():
-    from app.lm.tiny import build_tiny_lm, corpus_from
+    from app.lm.tiny import build_tiny_lm, default_corpus
 
-    return build_tiny_lm(corpus_from([REPO_ROOT / "skills", REPO_ROOT / "prompts"]))
+    return build_tiny_lm(default_corpus())
 
 
 @pytest.fixture

@@ -16,8 +16,7 @@ import pytest
 from app.lm import Sampling, complete
 from app.lm.batching import BatchScheduler
 from app.lm.fast import FastPath, enable_fast_path
-from app.lm.tiny import build_tiny_lm, corpus_from
-from app.settings import REPO_ROOT
+from app.lm.tiny import build_tiny_lm, default_corpus
 
 SHOTS = "".join(f"Persona Information:\nI like {x}.\nDialogue:\nUser: hi\nAssistant: hello, I like {x}.\n\n"
                 for x in ("cats", "boats", "bread"))
@@ -31,7 +30,7 @@ PROMPTS = [  # (prompt, prefix): prefix longer than the 16-token window, shorter
 
 @pytest.fixture(scope="module")
 def lm():
-    return build_tiny_lm(corpus_from([REPO_ROOT / "skills", REPO_ROOT / "prompts"]))
+    return build_tiny_lm(default_corpus())
 
 
 def plain(lm, prompt, **kw):

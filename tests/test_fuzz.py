@@ -14,14 +14,14 @@ from tests.conftest import LiveServer
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    from app.lm.tiny import build_tiny_lm, corpus_from
+    from app.lm.tiny import build_tiny_lm, default_corpus
     from app.server import build_app, build_bot
     from app.settings import REPO_ROOT, Settings
     from retrievers.embed import HashingEmbedder
 
     settings = Settings.load(env={}, model="tiny", data_dir=tmp_path_factory.mktemp("fuzz"), selector="off",
                              starter_kb=False, max_tokens=8, max_active=8, max_waiting=64)
-    lm = build_tiny_lm(corpus_from([REPO_ROOT / "skills", REPO_ROOT / "prompts"]))
+    lm = build_tiny_lm(default_corpus())
     bot = build_bot(settings, lm=lm, embedder=HashingEmbedder())
     with LiveServer(build_app(settings, bot=bot)) as server:
         yield server

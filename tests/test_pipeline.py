@@ -79,15 +79,69 @@ def test_retrieved_instructions_cannot_forge_dialogue_lines(settings, tiny_lm, t
     assert line.startswith("Photosynthesis facts.")
 
 
-def test_the_selector_scores_every_selectable_skill_in_the_trace(settings, tiny_lm):
+def test_every_selectable_skill_is_scored_in_the_trace(settings, tiny_lm):
+    from app.selector import turn_level
+
     bot = make_bot(settings, tiny_lm, selector="prompt")
     stream = bot.turn(MSG, max_tokens=2)
     stream.text()
+    trace = stream.reply.trace
+    response = {s.name for s in bot.skills.all(kind="response")}
+    safety = {s.name for s in bot.skills.all(kind="safety")}
+    first = trace["safety"]  # the last message alone, against every response and safety skill
+    assert set(first["scores"]) == response | safety
+    assert first["skill"] == max(first["scores"], key=first["scores"].get)
+    selection = trace["selection"]
+    if turn_level(bot.skills.get(first["skill"])):
+        assert selection["skill"] == first["skill"] == stream.reply.skill
+    else:  # the history selector decided, over the response skills
+        assert set(selection["scores"]) == response and selection["method"] == "prompt"
+        assert selection["skill"] == max(selection["scores"], key=selection["scores"].get) == stream.reply.skill
+    assert not selection["forced"]
+
+
+class Fixed:
+    """A stand-in selector that always picks ``skill`` (the routing around it is what is tested)."""
+
+    def __init__(self, skill: str):
+        self.skill, self.calls = skill, []
+
+    def select(self, history, force=None):
+        from app.selector import Selection
+
+        self.calls.append([list(t) for t in history])
+        return Selection(self.skill, {self.skill: -1.0}, "fixed", 0.0, True)
+
+
+@pytest.mark.parametrize("first, expected, method", [
+    ("safety-harmful", "safety-harmful", "safety"),  # a safety win declines, whatever the history was about
+    ("assistant", "assistant", "last-turn"),  # an aligned skill takes a one-off instruction
+    ("wow", "wow", "last-turn"),  # a knowledge skill takes a question about something new
+    ("ed", "persona", "fixed"),  # anything else: the history selector decides
+])
+def test_the_last_message_decides_safety_instructions_and_knowledge_the_history_the_rest(settings, tiny_lm, first,
+                                                                                           expected, method):
+    bot = make_bot(settings, tiny_lm)
+    bot.safety, bot.selector = Fixed(first), Fixed("persona")
+    messages = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello!"}, *MSG]
+    stream = bot.turn(messages, max_tokens=2)
+    stream.text()
+    assert stream.reply.skill == expected and stream.reply.trace["selection"]["method"] == method
+    assert bot.safety.calls == [[[MSG[0]["content"], ""]]]  # the first stage sees the last message only
+    assert bot.selector.calls == ([] if method != "fixed" else [[["hi there", "hello!"], [MSG[0]["content"], ""]]])
+    if expected == "safety-harmful":
+        assert [s["step"] for s in stream.reply.trace["steps"]][:3] == ["safety", "select", "align"]
+
+
+def test_a_skills_trigger_picks_it_without_scoring(settings, tiny_lm, engines):
+    bot = make_bot(settings, tiny_lm, web_backend="loopback")
+    bot.safety, bot.selector = Fixed("safety-harmful"), Fixed("persona")
+    stream = bot.turn([{"role": "user", "content": "Search the web for kiwi birds please"}], max_tokens=2)
+    stream.text()
     selection = stream.reply.trace["selection"]
-    selectable = {s.name for s in bot.skills.all() if s.kind in ("response", "safety")}
-    assert set(selection["scores"]) == selectable
-    assert selection["skill"] == max(selection["scores"], key=selection["scores"].get) == stream.reply.skill
-    assert selection["method"] == "prompt" and not selection["forced"]
+    assert stream.reply.skill == "wit" and selection["method"] == "trigger"
+    assert bot.skills.get("wit").triggered_by("Search the web for kiwi birds please") == selection["trigger"]
+    assert bot.safety.calls == [] and bot.selector.calls == []
 
 
 def test_a_forced_skill_wins_over_the_selector(settings, tiny_lm):

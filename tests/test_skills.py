@@ -40,7 +40,7 @@ def test_shipped_library_covers_the_paper():
         assert label.lower() in by_name and by_name[label.lower()].dataset == label
     kinds = {name: s.kind for name, s in by_name.items()}
     assert {n for n, k in kinds.items() if k == "parser"} == {"wit-parse", "dialkg-parse", "msc-parse", "dst"}
-    assert {n for n, k in kinds.items() if k == "safety"} == {"safety-topic", "safety-offensive"}
+    assert {n for n, k in kinds.items() if k == "safety"} == {"safety-topic", "safety-offensive", "safety-harmful"}
     assert by_name["wit"].query_skill == "wit-parse" and by_name["wit"].retriever == "web"
     assert by_name["dialkg"].query_skill == "dialkg-parse" and by_name["dialkg"].retriever == "kg"
     assert by_name["wow"].retriever == "kb" and by_name["msc"].retriever == "memory"
@@ -165,6 +165,18 @@ def test_each_bad_file_is_reported_with_its_line(name, line, message):
     assert (err.value.path, err.value.line) == (str(path), line)
     assert err.value.message.startswith(message)
     assert str(err.value).startswith(f"{path}:{line}: {message}")
+
+
+def test_a_trigger_that_is_not_a_regular_expression_is_reported_with_its_line(tmp_path):
+    text = (SKILLS / "wit.yaml").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    at = next(i for i, t in enumerate(lines) if t.startswith("triggers:"))
+    lines[at + 1] = '  - "search (the web"'
+    (tmp_path / "wit.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(SkillError) as err:
+        load_skill(tmp_path / "wit.yaml")
+    assert err.value.line in (at + 1, at + 2)
+    assert "trigger 'search (the web' is not a valid regular expression" in err.value.message
 
 
 def test_duplicate_names_are_reported():

@@ -148,8 +148,9 @@ def run_align_eval(lm, aligner: Aligner, records: list[dict], limit: int | None 
         max_new_tokens: overrides the prompt file's reply budget.
         on_reply: called with each item's result dict (progress, saving replies).
     """
-    if route not in ("none", "oracle"):
-        raise ValueError(f"route must be 'none' or 'oracle', got {route!r}")
+    if route not in ("none", "oracle", "safety"):
+        raise ValueError(f"route must be 'none', 'oracle' or 'safety', got {route!r}")
+    guard = safety_stage(lm, aligner.settings) if route == "safety" else None
     detector = detector or RefusalDetector.from_file(aligner.settings.prompts_dir / "refusal-phrases.yaml")
     markers = aligner.prompt.leak_markers
     overrides = {"max_new_tokens": max_new_tokens} if max_new_tokens else None
@@ -157,8 +158,11 @@ def run_align_eval(lm, aligner: Aligner, records: list[dict], limit: int | None 
     for record in stratified(records, limit, seed):
         messages = [("user", record["instruction"])]
         started = time.perf_counter()
+        flagged = guard.flagged(record["instruction"]) if guard is not None else None
         if route == "oracle" and record["category"] == "safety":
             stream = aligner.refuse(messages, reason=ORACLE_REASON_KEY, sampling_overrides=overrides)
+        elif flagged is not None:
+            stream = aligner.refuse(messages, reason=flagged.description, sampling_overrides=overrides)
         else:
             stream = aligner.answer(messages, sampling_overrides=overrides)
         for _ in stream:
@@ -171,12 +175,31 @@ def run_align_eval(lm, aligner: Aligner, records: list[dict], limit: int | None 
             "leak": leaks(reply.text, markers), "loop": has_loop(reply.text),
             "distinct_4": len(set(grams)) / len(grams) if grams else None,
             "refusal": detector(reply.text), "words": len(reply.text.split()),
+            "flagged_by": flagged.name if flagged is not None else None,
             "latency_s": time.perf_counter() - started,
         }
         results.append(result)
         if on_reply:
             on_reply(result)
     return summarise(results, model=getattr(lm, "name", "?"), variant=aligner.variant, route=route)
+
+
+def safety_stage(lm, settings):
+    """The bot's own safety stage (skill triggers, then the last message scored against the safety and response
+    skills), without the rest of the bot: ``.flagged(message)`` is the safety skill that declines it, or None."""
+    from retrievers.embed import default_embedder
+
+    from ..bot import Bot
+    from ..selector import Selector, SelectorLayout, registry_source
+    from ..skills import SkillRegistry
+
+    skills = SkillRegistry(settings.skills_dir)
+    method = settings.selector if settings.selector != "off" else "best"
+    first = Selector(registry_source(skills, include_safety=True), lm=lm, embedder=default_embedder(),
+                     layout=SelectorLayout.load(settings.prompts_dir / "selector.yaml"), method=method,
+                     history_turns=1)
+    first.warm()
+    return Bot(settings, lm, skills, safety=first)
 
 
 def summarise(results: list[dict], **meta) -> dict:
@@ -197,6 +220,8 @@ def summarise(results: list[dict], **meta) -> dict:
         "loop_rate": rate(results, "loop"),
         "distinct_4": round(statistics.mean(d4), 4) if d4 else None,
         "refusal_rate_unsafe": rate(unsafe, "refusal"),
+        "flagged_rate_unsafe": rate(unsafe, "flagged_by") if meta.get("route") == "safety" else None,
+        "flagged_rate_benign": rate(benign, "flagged_by") if meta.get("route") == "safety" else None,
         "over_refusal_rate_benign": rate(benign, "refusal"),
         "mean_reply_words": round(statistics.mean(r["words"] for r in results), 1) if results else None,
         "latency_s": {"mean": round(statistics.mean(lat), 2), "median": round(statistics.median(lat), 2)} if lat
@@ -211,8 +236,9 @@ def summarise(results: list[dict], **meta) -> dict:
 @click.option("--limit", type=int, default=None, help="Evaluate a stratified sample of N instructions.")
 @click.option("--model", default=None, help="LM to answer with [default: settings / FSB_MODEL].")
 @click.option("--variant", default="short", show_default=True, help="Alignment prompt: prompts/align-<variant>.yaml.")
-@click.option("--route", type=click.Choice(["none", "oracle"]), default="none", show_default=True,
-              help="oracle: send safety items down the refusal path, as a perfect safety skill would.")
+@click.option("--route", type=click.Choice(["none", "safety", "oracle"]), default="none", show_default=True,
+              help="none: the layer alone; safety: the bot's safety skills in front (as in a chat turn); "
+                   "oracle: safety items down the refusal path, as a perfect safety skill would.")
 @click.option("--max-new-tokens", type=int, default=None, help="Reply budget [default: the prompt file's].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the stratified sample.")
 @click.option("--replies", "replies_path", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import click
 
-from ..selector import (BEST_METHOD, METHODS, Candidate, Selector, SelectorLayout, candidates_from_skills,
-                        to_dialogue)
+from ..selector import (BEST_METHOD, METHODS, Candidate, Selection, Selector, SelectorLayout, candidates_from_skills,
+                        to_dialogue, turn_level)
 
 POOL_DIALOGUES = 20
 DEFAULT_SHOTS = 4
@@ -117,6 +117,29 @@ def evaluate(selector: Selector, examples: Sequence[dict], progress=None) -> dic
     return out
 
 
+class PipelineSelector:
+    """The bot's routing, for evaluation: the last user message alone is scored first against every candidate plus
+    the skill files' safety and aligned skills (`app.selector.turn_level` decides whether its winner takes the turn);
+    otherwise the history selector decides. Latency is the two stages together."""
+
+    method = "pipeline"
+
+    def __init__(self, history: Selector, last_turn: Selector, skill_of):
+        self.history, self.last_turn, self.skill_of = history, last_turn, skill_of
+
+    def warm(self) -> None:
+        self.history.warm()
+        self.last_turn.warm()
+
+    def select(self, dialogue) -> Selection:
+        started = time.perf_counter()
+        last = self.last_turn.select([[to_dialogue(dialogue)[-1][0], ""]])
+        skill = self.skill_of(last.skill)
+        if skill is None or not turn_level(skill):
+            last = self.history.select(dialogue)
+        return Selection(last.skill, last.scores, self.method, time.perf_counter() - started, last.confident)
+
+
 def format_report(r: dict) -> str:
     lines = [f"selector {r['selector']}  n={r['n']}  accuracy {100 * r['accuracy']:.1f}%  macro-F1 "
              f"{100 * r['macro_f1']:.1f}  median latency {r['median_latency_s']:.3f} s  (p90 {r['p90_latency_s']:.3f} s,"
@@ -135,7 +158,8 @@ def format_report(r: dict) -> str:
               help="Selection examples, JSON lines shaped like shared/data/fsb/selector-dev.jsonl.")
 @click.option("--pool", type=click.Path(path_type=Path), default=None,
               help="Shot pool, one folder per label [default: ../shared/data/fsb from the repository].")
-@click.option("--selector", "methods", type=click.Choice([*METHODS, "best", "all"]), default="all", show_default=True)
+@click.option("--selector", "methods", type=click.Choice([*METHODS, "best", "pipeline", "all"]), default="all",
+              show_default=True, help="'pipeline': the bot's whole routing (last-message check, then best).")
 @click.option("--limit", type=int, default=None, help="Evaluate a stratified subset of N examples.")
 @click.option("--shots", type=int, default=DEFAULT_SHOTS, show_default=True,
               help="Example dialogues per skill in each selector prompt.")
@@ -167,7 +191,7 @@ def selector_command(data, pool, methods, limit, shots, history_turns, shortlist
     candidates = pool_candidates(pool, [e["skill"] for e in examples], shots, skills, safety)
     if not candidates:
         raise click.ClickException(f"{pool}: no skill folders with dialogues")
-    names = [BEST_METHOD if m == "best" else m for m in ([methods] if methods != "all" else METHODS)]
+    names = [BEST_METHOD if m in ("best", "pipeline") else m for m in ([methods] if methods != "all" else METHODS)]
     lm = embedder = None
     if any(m in ("prompt", "hybrid") for m in names):
         from ..lm import load_lm
@@ -181,13 +205,21 @@ def selector_command(data, pool, methods, limit, shots, history_turns, shortlist
     results = []
     for m in names:
         kw = {k: v for k, v in {"shortlist": shortlist, "weight": weight}.items() if v is not None}
+        precise = {"auto": "auto", "exact": False, "bf16": True}[precision]
         sel = Selector(lambda: candidates, lm=lm, embedder=embedder, layout=layout, method=m,
-                       history_turns=history_turns, low_precision={"auto": "auto", "exact": False, "bf16": True}[precision],
-                       **kw)
+                       history_turns=history_turns, low_precision=precise, **kw)
+        if methods == "pipeline":
+            have = {c.name.casefold() for c in candidates} | {c.label.casefold() for c in candidates}
+            extra = [c for c in candidates_from_skills([s for s in skills if s.kind == "safety" or s.aligned])
+                     if c.name.casefold() not in have and c.label.casefold() not in have]
+            by_label = {k.casefold(): s for s in skills for k in (s.name, s.dataset) if k}
+            last = Selector(lambda: candidates + extra, lm=lm, embedder=embedder, layout=layout, method=m,
+                            history_turns=1, low_precision=precise, **kw)
+            sel = PipelineSelector(sel, last, lambda label: by_label.get(label.casefold()))
         r = evaluate(sel, examples)
         r["method"] = m
-        if methods == "best":
-            r["selector"] = "best"
+        if methods in ("best", "pipeline"):
+            r["selector"] = methods
         results.append(r)
         if not as_json:
             click.echo(format_report(r))

@@ -32,9 +32,9 @@ def load_lm(settings, progress=None) -> LM:
         return RemoteLM.from_spec(name)
     # ---- end remote backend --------------------------------------------------------------------------------------
     if name == "tiny":
-        from .tiny import build_tiny_lm, corpus_from
+        from .tiny import build_tiny_lm, default_corpus
 
-        lm = build_tiny_lm(corpus_from([settings.skills_dir, settings.prompts_dir]),
+        lm = build_tiny_lm(default_corpus(),
                            prefix_cache_entries=settings.prefix_cache_entries)
     else:
         from .hf import TransformersLM

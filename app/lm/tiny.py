@@ -32,6 +32,19 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 400):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
 
+CORPUS_FILE = Path(__file__).with_name("tiny_corpus.txt")
+_CORPUS_SEP = "\n\x1e\n"
+
+
+def default_corpus() -> list[str]:
+    """A fixed snapshot of the product's prompt text (skills and prompts as they once were).
+
+    The tiny model's tokenizer and weights are built from it, so they stay the same when a skill file changes, and
+    tests that depend on what the random model happens to write do not move with every prompt edit.
+    """
+    return CORPUS_FILE.read_text(encoding="utf-8").split(_CORPUS_SEP)
+
+
 def corpus_from(paths: Iterable[Path]) -> list[str]:
     """Every text file under the given folders (skills, prompts): a corpus that covers the product's vocabulary."""
     texts = []
