@@ -68,3 +68,23 @@ def test_memory_panel_shows_and_forgets_what_the_bot_keeps(page, live_server):
     page.locator("#fsb-forget-all").click()
     page.locator("#fsb-memory-list").get_by_text("Nothing remembered yet").wait_for(timeout=20_000)
     assert live_server.bot.knowledge.memory.list(LOCAL_USER) == []
+
+
+def test_a_grounded_reply_shows_its_skill_and_sources(page, live_server, tmp_path):
+    doc = tmp_path / "tomatoes.md"
+    doc.write_text("# Growing tomatoes\n\nTomatoes need six to eight hours of sun a day and deep, regular watering.\n")
+    live_server.bot.knowledge.kb.add(doc)
+    choice = page.locator("#fsb-skill input")
+    choice.click()
+    choice.fill("wow")
+    page.get_by_role("option", name="wow").click()
+    box = page.locator("#fsb-input textarea")
+    box.fill("how much sun do tomatoes need?")
+    box.press("Enter")
+    chat = page.locator("#fsb-chat")
+    chat.get_by_text("skill: wow").wait_for(timeout=60_000)
+    chat.get_by_text("skill: wow").click()  # the note under the reply opens to list its sources
+    chat.get_by_text("Growing tomatoes").first.wait_for(timeout=20_000)
+    stored = live_server.bot.store.messages(live_server.bot.store.sessions()[0]["id"])
+    assert stored[-1]["skill"] == "wow"
+    assert stored[-1]["trace"]["passages"][0]["source"].startswith(f"kb:{doc.resolve()}")
