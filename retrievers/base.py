@@ -37,5 +37,14 @@ class Retriever(Protocol):
     def search(self, query: str, k: int = 5) -> list[Passage]: ...
 
 
+class LangChainRetrievable:
+    """Mixed into every knowledge source: ``as_langchain(k)`` is it as a LangChain ``BaseRetriever``."""
+
+    def as_langchain(self, k: int = 5):
+        from .langchain import as_langchain
+
+        return as_langchain(self, k)
+
+
 class RetrieverError(Exception):
     """A knowledge source could not do what was asked; the message is written to be shown to a user."""

@@ -25,7 +25,7 @@ import sqlite_utils
 
 from app.db import now
 
-from .base import Passage, RetrieverError
+from .base import LangChainRetrievable, Passage, RetrieverError
 from .embed import Embedder, from_blobs, to_blob
 from .schema import ensure_schema
 from .text import SUPPORTED_SUFFIXES, chunk_blocks, kind_for, read_blocks, sniff_text
@@ -94,7 +94,7 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
-class KnowledgeBase:
+class KnowledgeBase(LangChainRetrievable):
     """Documents the user owns, searchable by meaning and by words.
 
     Args:

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 import sqlite_utils
 
-from .base import Passage, RetrieverError
+from .base import LangChainRetrievable, Passage, RetrieverError
 from .schema import ensure_schema
 
 Triple = tuple[str, str, str]
@@ -104,7 +104,7 @@ def parse_paths(text: str) -> list[tuple[str, ...]]:
     return out
 
 
-class KnowledgeGraph:
+class KnowledgeGraph(LangChainRetrievable):
     """Triples in SQLite, searchable by entity name (fuzzy) or by parsed triples.
 
     Args:

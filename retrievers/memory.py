@@ -16,7 +16,7 @@ import sqlite_utils
 
 from app.db import now
 
-from .base import Passage, RetrieverError
+from .base import LangChainRetrievable, Passage, RetrieverError
 from .embed import Embedder, from_blobs, to_blob
 from .schema import ensure_schema
 
@@ -162,7 +162,7 @@ class LongTermMemory:
         return UserMemory(self, _check_user(user))
 
 
-class UserMemory:
+class UserMemory(LangChainRetrievable):
     """One user's memories behind the plain ``search(query, k)`` interface."""
 
     name = "memory"

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import sqlite_utils
 
-from .base import Passage, RetrieverError
+from .base import LangChainRetrievable, Passage, RetrieverError
 from .schema import ensure_schema
 
 _TAG = re.compile(r"<[^>]*>")
@@ -37,7 +37,7 @@ def clean_text(raw: str, limit: int) -> str:
     return cut.rstrip(" ,;:") + "…"
 
 
-class WebSearch:
+class WebSearch(LangChainRetrievable):
     """Text search on the web.
 
     Args:

@@ -102,3 +102,24 @@ def test_awkward_queries_never_raise(retriever, query):
 def test_search_is_repeatable(retriever):
     query = QUERIES[retriever.name]
     assert retriever.search(query, k=3) == retriever.search(query, k=3)
+
+
+def test_is_a_langchain_retriever_that_returns_the_same_passages(retriever):
+    from langchain_core.retrievers import BaseRetriever
+    from langchain_core.runnables import RunnableLambda
+
+    query = QUERIES[retriever.name]
+    lc = retriever.as_langchain(k=2)
+    assert isinstance(lc, BaseRetriever)
+    docs = lc.invoke(query)
+    passages = retriever.search(query, k=2)
+    assert [d.page_content for d in docs] == [p.text for p in passages]
+    assert [d.metadata["source"] for d in docs] == [p.source for p in passages]
+    assert [d.metadata["score"] for d in docs] == [p.score for p in passages]
+    # in a chain, as a LangChain app would use it
+    chain = lc | RunnableLambda(lambda ds: "\n".join(f"[{d.metadata['source']}] {d.page_content}" for d in ds))
+    assert chain.invoke(query).startswith(f"[{passages[0].source}] {passages[0].text}")
+    def texts(ds):
+        return [(d.page_content, d.metadata["source"]) for d in ds]
+
+    assert [texts(ds) for ds in lc.batch([query, query])] == [texts(docs), texts(docs)]
