@@ -121,3 +121,49 @@ def test_kill_9_in_the_middle_of_writes_loses_nothing_committed(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_kill_9_during_a_knowledge_base_ingest_leaves_nothing_half_written(tmp_path):
+    """`fsb kb add` killed mid-ingest: the knowledge base and the memories stored before are as they were; the
+    half-written document is invisible to list and search, and adding it again completes."""
+    from app.db import open_db
+    from retrievers import HashingEmbedder, KnowledgeBase, LongTermMemory
+
+    data = tmp_path / "data"
+    db = open_db(data / "fsb.db")
+    kept = tmp_path / "kept.md"
+    kept.write_text("# Kept\n\nThis document was added before the crash and must survive it.\n")
+    KnowledgeBase(db, HashingEmbedder()).add(kept)
+    LongTermMemory(db, HashingEmbedder()).add("dana", ["I have a dog called Biscuit."])
+    db.conn.close()
+    big = tmp_path / "big.txt"
+    big.write_text("\n\n".join(f"Paragraph {i} about river boats, lighthouses and the tides of the northern sea."
+                               for i in range(5000)))
+    env = {**os.environ, "FSB_DATA_DIR": str(data)}
+    add = [sys.executable, "-m", "app.cli", "kb", "add", str(big)]
+    proc = subprocess.Popen(add, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watch = sqlite3.connect(data / "fsb.db", timeout=30)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill it once it has started writing the new document's passages
+        if watch.execute("SELECT count(*) FROM kb_docs WHERE state = 'pending'").fetchone()[0]:
+            break
+        assert proc.poll() is None, "the ingest ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert watch.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    watch.close()
+
+    db = open_db(data / "fsb.db")
+    kb = KnowledgeBase(db, HashingEmbedder())
+    assert [d.path for d in kb.list()] == [str(kept.resolve())]
+    assert all(p.source.startswith(f"kb:{kept.resolve()}") for p in kb.search("river boats lighthouses", k=5))
+    assert [f.text for f in LongTermMemory(db, HashingEmbedder()).list("dana")] == ["I have a dog called Biscuit."]
+    db.conn.close()
+    again = subprocess.run(add, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr
+    db = open_db(data / "fsb.db")
+    assert sorted(d.path for d in KnowledgeBase(db, HashingEmbedder()).list()) == sorted(
+        [str(kept.resolve()), str(big.resolve())])
+    assert db.execute("SELECT count(*) FROM kb_docs WHERE state = 'pending'").fetchone()[0] == 0
