@@ -55,6 +55,7 @@ class Example(BaseModel):
     query: str = Field(min_length=1)
     answer: str = Field(min_length=1)
     note: str = ""
+    refusal: bool = False  # a refusal example: left out of ordinary answers when a safety stage guards the layer
 
 
 class Refusal(BaseModel):
@@ -106,7 +107,16 @@ class AlignPrompt(BaseModel):
     @property
     def prefix(self) -> str:
         """Preamble and examples: the constant head of every prompt."""
-        shots = [self.render_exchange(e.query, e.answer, e.note) for e in self.examples]
+        return self.prefix_of(self.examples)
+
+    @property
+    def answer_prefix(self) -> str:
+        """Preamble and the examples that are not refusals (every example when all of them are)."""
+        ordinary = [e for e in self.examples if not e.refusal]
+        return self.prefix_of(ordinary or self.examples)
+
+    def prefix_of(self, examples: Sequence[Example]) -> str:
+        shots = [self.render_exchange(e.query, e.answer, e.note) for e in examples]
         return self.separator.join([self.preamble.strip("\n"), *shots]) + self.separator
 
 
@@ -296,6 +306,9 @@ class Aligner:
         settings: `Settings`; ``prompts_dir``, ``context_tokens`` and ``history_turns`` are read.
         variant: ``"short"`` (preamble + 3 examples, for small models) or ``"long"`` (about 8 examples, for large ones),
             or any other ``align-<variant>.yaml`` in ``prompts_dir``.
+        guarded: a safety stage runs before the layer (the bot's safety skills): ordinary answers then leave out the
+            examples marked ``refusal: true``, which a small model otherwise copies onto harmless requests; refusals
+            (`refuse`) always see every example.
     Raises:
         AlignError: the prompt file is missing or invalid (``file:line: message``).
     Example:
@@ -304,7 +317,7 @@ class Aligner:
         ...     print(piece, end="")
     """
 
-    def __init__(self, lm, settings, variant: str = "short"):
+    def __init__(self, lm, settings, variant: str = "short", guarded: bool = False):
         path = prompt_path(settings.prompts_dir, variant)
         if not path.exists():
             known = ", ".join(variants(settings.prompts_dir)) or "none"
@@ -312,7 +325,9 @@ class Aligner:
         self.lm, self.settings, self.variant = lm, settings, variant
         self.prompt = load_align_prompt(path)
         self.prefix = self.prompt.prefix
-        self._prefix_tokens = lm.count_tokens(self.prefix)
+        self.guarded = guarded
+        self.answer_prefix = self.prompt.answer_prefix if guarded else self.prefix
+        self._prefix_tokens = {p: lm.count_tokens(p) for p in {self.prefix, self.answer_prefix}}
 
     # ------------------------------------------------------------------------------------------- rendering
     def render(self, messages: Sequence[tuple[str, str]], note: str = "", answer_start: str = "") -> Rendered:
@@ -325,6 +340,7 @@ class Aligner:
 
     def _render(self, messages, note: str = "", answer_start: str = "",
                 max_new_tokens: int | None = None) -> tuple[Rendered, int]:
+        prefix = self.prefix if note or answer_start else self.answer_prefix  # the refusal path sees every example
         pairs, query = _pairs(messages)
         p = self.prompt
         tail = p.open_exchange(self._defuse(query), note=self._defuse(note)) + answer_start
@@ -332,13 +348,13 @@ class Aligner:
         dropped = max(0, len(history) - self.settings.history_turns)
         history = history[dropped:]
         budget = self.settings.context_tokens - (max_new_tokens or p.generation.max_new_tokens)
-        room = budget - self._prefix_tokens - self.lm.count_tokens(tail)
+        room = budget - self._prefix_tokens[prefix] - self.lm.count_tokens(tail)
         while history and sum(self.lm.count_tokens(h) for h in history) > room:
             history.pop(0)
             dropped += 1
         if dropped:
             log.info("align: %d earlier turn(s) dropped to fit %d tokens", dropped, self.settings.context_tokens)
-        return Rendered(self.prefix + "".join(history) + tail, self.prefix), dropped
+        return Rendered(prefix + "".join(history) + tail, prefix), dropped
 
     def _defuse(self, text: str) -> str:
         """Break any layout marker inside conversation text, so a user cannot open or close an exchange."""
@@ -429,7 +445,7 @@ class Aligner:
 
     def _stream_batch(self, replies: list[Reply], sampling: Sampling, max_new: int) -> Iterator[tuple[int, str]]:
         cleaners = [ReplyCleaner(self.prompt.stop) for _ in replies]
-        prefix = self.prefix
+        prefix = self.answer_prefix
         pieces = self.lm.generate_batch([r.prompt.text for r in replies], stop=self.prompt.stop,
                                         max_new_tokens=max_new, sampling=sampling, prefix=prefix)
         try:

@@ -45,7 +45,7 @@ def build_bot(settings: Settings, lm=None, embedder=None, web=None):
             # skill, and a safety win sends the turn down the refusal path whatever the history was about.
             safety = Selector(registry_source(skills, include_safety=True), lm=lm, embedder=embedder, layout=layout,
                               method=settings.selector, history_turns=1)
-    aligner = Aligner(lm, settings, variant=settings.align_variant)
+    aligner = Aligner(lm, settings, variant=settings.align_variant, guarded=safety is not None)
     messages = yaml.safe_load((settings.prompts_dir / "messages.yaml").read_text(encoding="utf-8"))
     return Bot(settings, lm, skills, store, selector=selector, aligner=aligner, knowledge=knowledge,
                messages=messages, safety=safety)

@@ -455,3 +455,20 @@ def test_gemma_answers_cleanly(gemma_lm):
     assert text.strip() and text == stream.reply.text
     assert stream.reply.finish == "stop"
     assert not leaks(text, al.prompt.leak_markers)
+
+
+def test_a_guarded_layer_leaves_refusal_examples_out_of_ordinary_answers_only(tiny_lm):
+    settings = Settings.load(env={})
+    plain, guarded = Aligner(tiny_lm, settings), Aligner(tiny_lm, settings, guarded=True)
+    refusals = [e for e in guarded.prompt.examples if e.refusal]
+    assert refusals, "align-short marks its refusal example"
+    convo = [("user", "How do I keep basil alive?")]
+    ordinary = guarded.render(convo)
+    assert ordinary.prefix == guarded.prompt.answer_prefix and ordinary.text.startswith(ordinary.prefix)
+    assert all(e.query not in ordinary.text for e in refusals)
+    assert all(e.query in ordinary.text for e in guarded.prompt.examples if not e.refusal)
+    assert plain.render(convo).prefix == plain.prefix and refusals[0].query in plain.render(convo).text
+    declined = guarded.refuse(convo, "a test reason")
+    for _ in declined:
+        break
+    assert declined.reply.prompt.prefix == guarded.prefix and refusals[0].query in declined.reply.prompt.text

@@ -257,7 +257,8 @@ def align_command(data, limit, model, variant, route, max_new_tokens, seed, repl
         raise click.ClickException(f"{data}: no instructions")
     try:
         lm = load_lm(settings)
-        aligner = Aligner(lm, settings, variant=variant)
+        # With the safety skills in front, ordinary answers leave out the refusal examples, as in the bot.
+        aligner = Aligner(lm, settings, variant=variant, guarded=route == "safety")
         sink = open(replies_path, "w", encoding="utf-8") if replies_path else None
 
         def on_reply(r):
