@@ -145,8 +145,9 @@ def main() -> None:
     result = {
         "clients": args.clients, "seconds": round(wall, 1), "requests": total, "ok": outcomes["ok"],
         "errors": {k: v for k, v in outcomes.items() if k != "ok"}, "throughput_rps": round(total / wall, 3),
-        "latency_p50_s": pct(latencies, 50), "latency_p90_s": pct(latencies, 90), "latency_p99_s": pct(latencies, 99),
-        "ttfb_p50_s": pct(first_bytes, 50), "peak_rss_mb": round(peak[0] / 2**20, 1),
+        "p50_s": pct(latencies, 50), "p90_s": pct(latencies, 90), "p95_s": pct(latencies, 95),
+        "p99_s": pct(latencies, 99), "ttfb_p50_s": pct(first_bytes, 50), "ttfb_p95_s": pct(first_bytes, 95),
+        "peak_rss_mb": round(peak[0] / 2**20, 1),
         "mean_latency_s": statistics.fmean(latencies) if latencies else float("nan"),
     }
     if args.json:
