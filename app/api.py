@@ -198,9 +198,8 @@ class RateLimit:
             return 0.0
         now = self.clock()
         with self._lock:
-            if len(self._buckets) > 10_000:
-                full = 60.0
-                self._buckets = {c: b for c, b in self._buckets.items() if now - b[1] < full}
+            if len(self._buckets) > 10_000:  # a bucket idle for a minute is full again: forget it
+                self._buckets = {c: b for c, b in self._buckets.items() if now - b[1] < 60.0}
             tokens, last = self._buckets.get(client, (self.capacity, now))
             tokens = min(self.capacity, tokens + (now - last) * self.rate)
             if tokens >= 1.0:
@@ -404,9 +403,7 @@ def create_app(bot: Bot, settings) -> FastAPI:
                                  f"{bot.lm.context_length} tokens", "prompt", "context_length_exceeded")
         stops = [req.stop] if isinstance(req.stop, str) else [s for s in (req.stop or []) if s]
         limited(request)
-        base = Sampling()
-        sampling = base.with_overrides(**{k: v for k, v in (("temperature", req.temperature), ("top_p", req.top_p),
-                                                            ("seed", req.seed)) if v is not None})
+        sampling = Sampling().with_overrides(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
         cid = f"cmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
 

@@ -146,8 +146,8 @@ class Bot:
             skill, pattern = triggered
             trace["selection"] = {"skill": skill.name, "method": "trigger", "trigger": pattern, "forced": False,
                                   "scores": {}}
-        elif (unsafe := self._safety_check(last, trace)) is not None:
-            skill = unsafe
+        elif (first := self._safety_check(last, trace)) is not None:
+            skill = first
             trace["selection"] = {"skill": skill.name, "method": "safety" if skill.kind == "safety" else "last-turn",
                                   "forced": False, "scores": trace["safety"]["scores"]}
         elif self.selector is not None:

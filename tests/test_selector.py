@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from app.evaluation.selector_eval import load_examples, metrics, selector_command
-from app.lm.tiny import build_tiny_lm, corpus_from
+from app.lm.tiny import build_tiny_lm, default_corpus
 from app.selector import Candidate, Selector, SelectorError, SelectorLayout, registry_source
 from app.settings import REPO_ROOT
 from app.skills import SkillRegistry
@@ -35,7 +35,7 @@ examples:
 
 @pytest.fixture(scope="module")
 def lm():
-    corpus = corpus_from([REPO_ROOT / "skills", REPO_ROOT / "prompts"]) + [TAXI]
+    corpus = default_corpus() + [TAXI]
     # sliding_window=16: most prefixes and continuations below are longer than a window.
     return build_tiny_lm(corpus, sliding_window=16)
 
