@@ -72,13 +72,13 @@ def test_greedy_output_with_prefix_cache_equals_output_without(tiny_lm):
 def test_prefix_is_encoded_once_and_reused(tiny_lm, monkeypatch):
     tiny_lm.prefix_cache.clear()
     seen = []
-    real = tiny_lm._forward
+    real = tiny_lm.runner.forward
 
     def counting(ids, *a, **kw):
         seen.append(ids.shape[1])
         return real(ids, *a, **kw)
 
-    monkeypatch.setattr(tiny_lm, "_forward", counting)
+    monkeypatch.setattr(tiny_lm.runner, "forward", counting)
     gen(tiny_lm, PROMPT, prefix=PREFIX, max_new_tokens=1)
     first = list(seen)
     seen.clear()
@@ -159,7 +159,7 @@ def test_score_equals_direct_log_likelihood_with_and_without_cache(tiny_lm):
 
 
 def test_model_failure_mid_stream_raises_lm_error(tiny_lm, monkeypatch):
-    real = tiny_lm._forward
+    real = tiny_lm.runner.forward
     calls = {"n": 0}
 
     def failing(*a, **kw):
@@ -168,7 +168,7 @@ def test_model_failure_mid_stream_raises_lm_error(tiny_lm, monkeypatch):
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(*a, **kw)
 
-    monkeypatch.setattr(tiny_lm, "_forward", failing)
+    monkeypatch.setattr(tiny_lm.runner, "forward", failing)
     got = []
     with pytest.raises(LMError, match="simulated"):
         for piece in tiny_lm.generate("User: hi\nAssistant:", max_new_tokens=20):

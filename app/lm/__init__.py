@@ -1,4 +1,16 @@
-"""LM backends behind one interface (`LM`: generate / generate_batch / score). Heavy imports happen on first use."""
+"""LM backends behind one interface (`LM`: generate / generate_batch / score). Heavy imports happen on first use.
+
+Modules, leaves first (nothing imports upwards; tests/test_lm_imports.py checks there is no cycle):
+
+    base          the interface, `Sampling`, `StopScanner`
+    prefix_cache  the LRU of encoded prompt prefixes
+    decoding      what every transformers decode loop shares: forward/prefill (`ModelRunner`), token choice, `RowStream`
+    hf            `TransformersLM`: the plain backend (one call decodes alone)
+    fast          the CUDA single-stream fast path (static cache + compiled step), on top of hf
+    batching      continuous batching (`BatchedLM`): concurrent calls share forward passes, on top of hf
+    tiny, embedded, remote   model builders and the HTTP backend
+    this file     `load_lm`: builds the backend and attaches the fast path and batching
+"""
 from __future__ import annotations
 
 import logging
@@ -18,6 +30,8 @@ def load_lm(settings, progress=None) -> LM:
     ``tiny`` builds a random 4-layer model in code (tests, demos); anything else is a Hugging Face model id or a local
     folder, loaded with transformers (``device_map`` through accelerate on GPUs); ``openai:URL`` is an OpenAI-compatible
     completions server (vLLM, llama.cpp) reached over HTTP (`RemoteLM`, docs/scaling.md).
+
+    A transformers model on one CUDA device gets the static-cache fast path for single streams.
     """
     import torch
 
@@ -48,5 +62,9 @@ def load_lm(settings, progress=None) -> LM:
         lm = TransformersLM.from_pretrained(path, device=settings.device, dtype=settings.dtype,
                                             prefix_cache_entries=settings.prefix_cache_entries, tokenizer=tokenizer)
         lm.name = name
+        if lm.device.type == "cuda":
+            from .fast import enable_fast_path
+
+            enable_fast_path(lm)  # static KV cache + compiled decode step for a single stream
     log.info("model %s loaded in %.1f s", name, time.perf_counter() - started)
     return lm

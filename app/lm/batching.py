@@ -1,10 +1,11 @@
 """Continuous batching: many chats share one running batch on one model, joining and leaving at step boundaries.
 
-A scheduler thread owns the batch. Each step it (1) admits waiting requests: prefills each one alone (its constant
-prefix comes from the `TransformersLM` prefix cache, so a skill's shots are never re-encoded) and merges its KV cache
-into the batch; (2) picks one token per row and streams each row's new text to that request's own queue; (3) drops
-finished rows; (4) runs ONE forward pass for all remaining rows. A short request therefore finishes while a long one
-admitted earlier keeps going: nobody waits for anybody else to finish, only for the step in progress.
+A scheduler thread owns the batch. Each request joins between steps: it is prefilled alone (its constant prefix comes
+from the prefix cache, so a skill's shots are never re-encoded), its first token is chosen and streamed at once, and
+its KV cache is merged into the batch. Each step then runs ONE forward pass for every row's last token, chooses each
+row's next token, streams each row's new text to that request's own queue, and drops the rows that finished (or whose
+reader went away). A short request therefore finishes while a long one admitted earlier keeps going: nobody waits for
+anybody else to finish, only for the step in progress.
 
 Batch layout (the same left padding the backend's own batches use, so Gemma's sliding-window layers, which count
 cache slots, see exactly what an unbatched row sees):
@@ -12,18 +13,21 @@ cache slots, see exactly what an unbatched row sees):
     cache  full-attention layers: keys/values [B, heads, S, head_dim]   S = slots of the longest row
            sliding layers:        keys/values [B, heads, min(S, window-1), head_dim], cumulative_length = S
     mask   [B, S]  1 = real token; each row's real tokens are contiguous and end at slot S-1 (pads on the left)
-    pos    per row, the position of the next token fed (its real length)
-    logits [B, V]  next-token logits per row
+    row    per row: the token chosen but not yet fed, and its position (the row's real length)
 
 A new row of L slots is left-padded to S (or every other row is, when L > S); leaving rows are removed with an index
 select, and slots that are padding in every remaining row are trimmed from the left. Prefix *compute* is shared
 (cached prefixes are forked, not re-encoded); prefix *memory* is not (each row holds its copy once merged), which
 would need paged attention (vLLM) -- see docs/scaling.md.
 
+Failures stay with their row where they can: a prompt that cannot join, or a token that cannot be chosen, ends that
+request with an `LMError` and the others go on; only a failed forward pass (which every row shared) fails them all.
+
 Shapes: ids [B, 1]; positions [B, 1]; logits [B, V].
 """
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -32,47 +36,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .base import LMError, Sampling, StopScanner
+from .base import LMError, Sampling
+from .decoding import RowStream, choose_one, generator_for, is_greedy, left_pad
 
 log = logging.getLogger(__name__)
 
-
-class RowStream:
-    """One generation's text state: tokens so far, the stop scanner, and why it finished.
-
-    ``push(token)`` returns the new text that is safe to show; ``done`` turns true on EOS, a stop string, or the
-    token limit. The same rules as `TransformersLM`'s decode loop, so outputs match token for token.
-    """
-
-    def __init__(self, lm, anchor: int, stops: Sequence[str], max_new_tokens: int):
-        self.lm, self.anchor, self.max_new_tokens = lm, anchor, max_new_tokens
-        self.generated: list[int] = []
-        self.scanner = StopScanner(stops)
-        self.finish = "length"
-        self.done = max_new_tokens <= 0
-
-    def push(self, token: int) -> str:
-        if token in self.lm.eos_ids:
-            self.finish, self.done = "eos", True
-            return self.scanner.finish(self.text())
-        self.generated.append(token)
-        text = self.text()
-        piece = self.scanner.feed(text)
-        if self.scanner.done:
-            self.finish, self.done = "stop", True
-        elif len(self.generated) >= self.max_new_tokens:
-            piece += self.scanner.finish(text)
-            self.done = True
-        return piece
-
-    def text(self) -> str:
-        return self.lm._text(self.anchor, self.generated)
-
-    def stats(self) -> dict:
-        return {"tokens": len(self.generated), "finish": self.finish}
-
-
-_DONE = object()
+_DONE = object()  # a request's last item: it finished
+_CLOSE = object()  # the scheduler's queue: stop
 
 
 @dataclass
@@ -95,8 +65,9 @@ class Request:
 class _Row:
     req: Request
     stream: RowStream
-    pos: int  # position of the next token fed
     rng: torch.Generator | None
+    pos: int  # position of the next token fed (the row's real length so far)
+    token: int = -1  # chosen, streamed, not yet fed
 
 
 class BatchScheduler:
@@ -107,45 +78,54 @@ class BatchScheduler:
         max_batch: most rows decoded together; later requests wait at the step boundary for a free row.
         compile: compile the batched decode step with dynamic shapes (True: inductor; a string: that backend,
             e.g. "eager" to check tracing on CPU). Falls back to eager if tracing fails.
+        idle_exit_s: the scheduler thread exits after this long with nothing to do and starts again on the next
+            request, so an unused scheduler holds no thread (and can be garbage collected with its model).
     Example:
         >>> sched = BatchScheduler(lm, max_batch=16)
         >>> "".join(sched.generate("User: hi\\nAssistant:", stop=["\\nUser:"]))
     """
 
-    def __init__(self, lm, max_batch: int = 16, compile: bool | str = False):
+    def __init__(self, lm, max_batch: int = 16, compile: bool | str = False, idle_exit_s: float = 2.0):
         self.lm = lm
+        self.runner = lm.runner
         self.max_batch = max(1, max_batch)
+        self.idle_exit_s = idle_exit_s
         # The decode step's shapes change every step (batch size, cache length), so it is compiled with dynamic shapes
         # and without CUDA graphs: what it removes is the per-module Python overhead that dominates eager decoding.
         self._compiled = None
         if compile:
             opts = {} if compile is True else {"backend": compile}
             self._compiled = torch.compile(self._model_step, dynamic=True, fullgraph=False, **opts)
-        self._pending: queue.Queue[Request] = queue.Queue()
+        self._queue: queue.Queue = queue.Queue()  # Requests from clients, or _CLOSE
+        self._waiting: collections.deque[Request] = collections.deque()  # taken from the queue, no free row yet
         self._rows: list[_Row] = []
         self._cache = None
         self._mask: torch.Tensor | None = None  # [B, S]
-        self._logits: torch.Tensor | None = None  # [B, V]
-        self._closed = threading.Event()
-        self.steps = 0  # forward passes run (for tests and benchmarks)
+        self._lock = threading.Lock()  # guards _thread and _closed
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.steps = 0  # batched forward passes run (for tests and benchmarks)
         self.max_rows_seen = 0
-        self._thread = threading.Thread(target=self._loop, name="fsb-batch-scheduler", daemon=True)
-        self._thread.start()
 
     # ------------------------------------------------------------------------------------------ client side
     def submit(self, prompt: str, stop: Sequence[str] = (), max_new_tokens: int = 64, sampling: Sampling = Sampling(),
                prefix: str | None = None, sink: queue.Queue | None = None, tag: int = 0,
                stats: dict | None = None) -> Request:
-        if self._closed.is_set():
-            raise LMError("the batch scheduler is closed")
+        """Queue a request; its pieces arrive on ``req.sink``. Set ``req.cancelled`` to drop it at the next step."""
         req = Request(prompt, [s for s in stop if s], max_new_tokens, sampling, prefix, sink or queue.Queue(), tag,
                       stats)
-        self._pending.put(req)
+        with self._lock:
+            if self._closed:
+                raise LMError("the batch scheduler is closed")
+            self._queue.put(req)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="fsb-batch-scheduler", daemon=True)
+                self._thread.start()
         return req
 
     def generate(self, prompt: str, stop: Sequence[str] = (), max_new_tokens: int = 64,
                  sampling: Sampling = Sampling(), prefix: str | None = None, stats: dict | None = None) -> Iterator[str]:
-        """Stream one request's pieces as the batch produces them."""
+        """Stream one request's pieces as the batch produces them (submitted on the first ``next``)."""
         req = self.submit(prompt, stop, max_new_tokens, sampling, prefix, stats=stats)
         try:
             while True:
@@ -156,89 +136,133 @@ class BatchScheduler:
                     raise item
                 yield item
         finally:
-            req.cancelled.set()  # a consumer that stops early frees its row at the next step
+            req.cancelled.set()  # a consumer that stops early (client gone) frees its row at the next step
+
+    @property
+    def busy(self) -> bool:
+        """True while any request is running or waiting."""
+        return bool(self._rows or self._waiting or not self._queue.empty())
 
     def close(self) -> None:
-        self._closed.set()
-        self._thread.join(timeout=30)
+        """Stop the scheduler: running and waiting requests end with an `LMError`; later submits raise one."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+            self._queue.put(_CLOSE)
+        if thread is not None:
+            thread.join(timeout=30)
 
     # --------------------------------------------------------------------------------------- scheduler side
     def _loop(self) -> None:
-        while not self._closed.is_set():
+        while True:
+            if not self._take():
+                return
             try:
                 self._admit()
-                if not self._rows:
-                    continue
-                self._step()
-            except Exception as exc:  # a failed step fails every running row, never the scheduler
+                if self._rows:
+                    self._step()
+            except Exception as exc:  # a failed batched forward fails every running row, never the scheduler
                 log.exception("batched generation failed")
                 err = exc if isinstance(exc, LMError) else LMError(f"the model failed while generating: {exc}")
                 for row in self._rows:
                     row.req.sink.put((row.req.tag, err))
                 self._reset()
-        for row in self._rows:
-            row.req.sink.put((row.req.tag, LMError("the batch scheduler was closed")))
+
+    def _take(self) -> bool:
+        """Move queued requests to the waiting line (blocking while there is nothing to do). False: exit now."""
+        idle = not self._rows and not self._waiting
+        while True:
+            try:
+                item = self._queue.get(timeout=self.idle_exit_s) if idle else self._queue.get_nowait()
+            except queue.Empty:
+                if not idle:
+                    return True
+                with self._lock:  # nothing to do for a while: let the thread go (submit starts a new one)
+                    if self._queue.empty():
+                        self._thread = None
+                        return False
+                continue
+            if item is _CLOSE:
+                closed = LMError("the batch scheduler was closed")
+                for req in [r.req for r in self._rows] + list(self._waiting):
+                    req.sink.put((req.tag, closed))
+                self._waiting.clear()
+                self._reset()
+                return False
+            self._waiting.append(item)
+            idle = False
 
     def _admit(self) -> None:
-        """Take waiting requests into free rows (block briefly when idle)."""
-        while len(self._rows) < self.max_batch:
-            try:
-                req = self._pending.get(timeout=0.1) if not self._rows else self._pending.get_nowait()
-            except queue.Empty:
-                return
+        """Waiting requests join the batch while there are free rows."""
+        while self._waiting and len(self._rows) < self.max_batch:
+            req = self._waiting.popleft()
             if req.cancelled.is_set():
                 continue
             try:
                 self._join(req)
-            except Exception as exc:
-                log.exception("prefill failed")
+            except Exception as exc:  # this request only: the batch is untouched until the merge
+                if not isinstance(exc, LMError):
+                    log.exception("prefill failed")
                 req.sink.put((req.tag, exc if isinstance(exc, LMError) else LMError(f"the model failed: {exc}")))
 
     def _join(self, req: Request) -> None:
-        """Prefill one request alone (prefix from the cache) and merge its KV into the running batch."""
+        """Prefill one request alone (prefix from the cache), stream its first token, merge its KV into the batch."""
         lm = self.lm
         ids, prefix_len = lm.encode(req.prompt, req.prefix)
-        stream = RowStream(lm, ids[-1], req.stops, req.max_new_tokens)
+        room = lm.context_length - len(ids)
+        if room <= 0:  # would run past the position table of the model every row shares
+            raise LMError(f"the prompt is {len(ids)} tokens; the model's context is {lm.context_length}")
+        stream = RowStream(lm.tok, lm.eos_ids, ids[-1], req.stops, min(req.max_new_tokens, room))
+        row = _Row(req, stream, generator_for(req.sampling), len(ids))
         if stream.done:
-            self._finish(_Row(req, stream, len(ids), None))
+            self._finish(row)
             return
-        cache, logits = lm._prefill(ids, prefix_len)  # cache: batch 1, len(ids) slots; logits [V]
-        rng = torch.Generator().manual_seed(req.sampling.seed) if req.sampling.seed is not None else None
-        row = _Row(req, stream, len(ids), rng)
+        cache, logits = self.runner.prefill(ids, prefix_len)  # cache: batch 1, len(ids) slots; logits [V]
+        self._advance(row, choose_one(logits, stream.generated, req.sampling, row.rng))
+        if stream.done or req.cancelled.is_set():
+            self._finish(row)
+            return
         if not self._rows:
-            self._cache, self._mask, self._logits = cache, torch.ones(1, len(ids), dtype=torch.long), logits[None]
+            self._cache, self._mask = cache, torch.ones(1, len(ids), dtype=torch.long)
         else:
             self._cache, self._mask = _merge(self._cache, self._mask, cache, len(ids))
-            self._logits = torch.cat([self._logits, logits[None].to(self._logits.dtype)])
         self._rows.append(row)
         self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
 
     def _step(self) -> None:
+        """One forward for every row's pending token, then each row's next token; finished rows leave."""
+        self._drop([i for i, r in enumerate(self._rows) if r.req.cancelled.is_set()])
         rows = self._rows
-        tokens = self._choose([r.req.sampling for r in rows], [r.stream.generated for r in rows],
-                              [r.rng for r in rows])
-        keep = []
-        for i, (row, tok) in enumerate(zip(rows, tokens)):
-            piece = "" if row.req.cancelled.is_set() else row.stream.push(tok)
-            if piece:
-                row.req.sink.put((row.req.tag, piece))
-            if row.stream.done or row.req.cancelled.is_set():
-                self._finish(row)
-            else:
-                keep.append(i)
-        if not keep:
-            self._reset()
+        if not rows:
             return
-        if len(keep) < len(rows):
-            self._select(keep)
-        rows = self._rows
-        feed = torch.tensor([[r.stream.generated[-1]] for r in rows])  # [B, 1]
+        feed = torch.tensor([[r.token] for r in rows])  # [B, 1]
         positions = torch.tensor([[r.pos] for r in rows])  # [B, 1]
         self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=self._mask.dtype)], dim=1)  # [B, S+1]
-        self._cache, self._logits = self._decode_step(feed, positions)  # logits [B, V]
-        for r in rows:
-            r.pos += 1
+        self._cache, logits = self._decode_step(feed, positions)  # logits [B, V]
         self.steps += 1
+        greedy = logits.float().argmax(dim=-1).tolist() if any(is_greedy(r.req.sampling) for r in rows) else None
+        done = []
+        for i, row in enumerate(rows):
+            row.pos += 1
+            try:
+                s = row.req.sampling
+                token = greedy[i] if is_greedy(s) else choose_one(logits[i], row.stream.generated, s, row.rng)
+                self._advance(row, token)
+            except Exception as exc:  # this row's choice or text failed: it alone ends
+                log.exception("generation failed for one row")
+                row.req.sink.put((row.req.tag, LMError(f"the model failed while generating: {exc}")))
+                done.append(i)
+                continue
+            if row.stream.done or row.req.cancelled.is_set():
+                self._finish(row)
+                done.append(i)
+        self._drop(done, finished=True)
+
+    def _advance(self, row: _Row, token: int) -> None:
+        row.token = token
+        piece = row.stream.push(token)
+        if piece and not row.req.cancelled.is_set():
+            row.req.sink.put((row.req.tag, piece))
 
     def _model_step(self, ids: torch.Tensor, cache, mask: torch.Tensor, positions: torch.Tensor):
         out = self.lm.model(input_ids=ids, cache=cache, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -248,38 +272,41 @@ class BatchScheduler:
     def _decode_step(self, feed: torch.Tensor, positions: torch.Tensor):
         """One forward for every row: ids, positions [B, 1] -> (cache, logits [B, V])."""
         if self._compiled is None:
-            cache, out = self.lm._forward(feed, self._cache, mask=self._mask, positions=positions)
+            cache, out = self.runner.forward(feed, self._cache, mask=self._mask, positions=positions)
             return cache, out[:, -1]
-        dev = self.lm.device
+        dev = self.runner.device
         try:
-            with self.lm._forward_lock, torch.no_grad():
+            with self.runner.lock, torch.no_grad():
                 return self._compiled(feed.to(dev), self._cache, self._mask.to(dev), positions.to(dev))
         except Exception as exc:  # tracing fails before the step runs: the cache is untouched, go eager for good
             log.warning("compiled batched decoding failed (%s); decoding eagerly from now on", exc)
             self._compiled = None
             return self._decode_step(feed, positions)
 
-    def _choose(self, samplings, generated, rngs) -> list[int]:
-        """One token per row: greedy rows by argmax on the device; others through the backend's sampler."""
-        from .hf import _choose
-
-        if all(s.temperature <= 0 and s.repetition_penalty == 1.0 for s in samplings):
-            return self._logits.float().argmax(dim=-1).tolist()
-        logits = self._logits.float().cpu()
-        return [int(_choose(logits[i : i + 1], [generated[i]], s, rngs[i])[0]) for i, s in enumerate(samplings)]
-
     def _finish(self, row: _Row) -> None:
         if row.req.stats is not None:
             row.req.stats.update(row.stream.stats())
         row.req.sink.put((row.req.tag, _DONE))
+
+    def _drop(self, gone: list[int], finished: bool = False) -> None:
+        """Remove rows ``gone`` (already answered when ``finished``) from the batch."""
+        if not gone:
+            return
+        if not finished:
+            for i in gone:
+                self._finish(self._rows[i])
+        keep = [i for i in range(len(self._rows)) if i not in set(gone)]
+        if not keep:
+            self._reset()
+            return
+        self._select(keep)
 
     def _select(self, keep: list[int]) -> None:
         """Keep only rows ``keep``; trim slots that are padding in every remaining row."""
         idx = torch.tensor(keep)
         self._rows = [self._rows[i] for i in keep]
         self._mask = self._mask[idx]
-        self._logits = self._logits[idx.to(self._logits.device)]
-        dev = idx.to(self.lm.device)
+        dev = idx.to(self.runner.device)
         for layer in self._cache.layers:
             if getattr(layer, "keys", None) is not None and layer.keys.numel():
                 layer.keys, layer.values = layer.keys[dev], layer.values[dev]
@@ -294,7 +321,7 @@ class BatchScheduler:
                     layer.cumulative_length = slots
 
     def _reset(self) -> None:
-        self._rows, self._cache, self._mask, self._logits = [], None, None, None
+        self._rows, self._cache, self._mask = [], None, None
 
 
 def _merge(cache, mask: torch.Tensor, new_cache, new_len: int):
@@ -304,8 +331,8 @@ def _merge(cache, mask: torch.Tensor, new_cache, new_len: int):
         if getattr(extra, "keys", None) is None or not extra.keys.numel():
             continue
         width = max(layer.keys.shape[-2], extra.keys.shape[-2])
-        layer.keys = torch.cat([_left_pad(layer.keys, width), _left_pad(extra.keys, width).to(layer.keys.dtype)])
-        layer.values = torch.cat([_left_pad(layer.values, width), _left_pad(extra.values, width).to(layer.values.dtype)])
+        layer.keys = torch.cat([left_pad(layer.keys, width), left_pad(extra.keys, width).to(layer.keys.dtype)])
+        layer.values = torch.cat([left_pad(layer.values, width), left_pad(extra.values, width).to(layer.values.dtype)])
         if hasattr(layer, "cumulative_length") and not torch.is_tensor(layer.cumulative_length):
             layer.cumulative_length = slots  # sliding layers: slots seen, as if the padded batch had been prefilled
     old = torch.nn.functional.pad(mask, (slots - mask.shape[1], 0))
@@ -313,18 +340,18 @@ def _merge(cache, mask: torch.Tensor, new_cache, new_len: int):
     return cache, torch.cat([old, new])
 
 
-def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
-    """Zero-pad [B, heads, n, d] on the left of the sequence axis to ``length``."""
-    n = t.shape[-2]
-    return t if n == length else torch.nn.functional.pad(t, (0, 0, length - n, 0))
-
-
 class BatchedLM:
-    """A `TransformersLM` whose generations all run through one `BatchScheduler`: the `LM` to serve many chats.
+    """A `TransformersLM` whose generations all run through one `BatchScheduler`: the `LM` that serves many chats.
 
-    ``generate`` and ``generate_batch`` go through the shared running batch; ``score``, ``count_tokens`` and the
-    rest are the wrapped backend's own (they take the same forward lock, between steps).
+    ``generate`` and ``generate_batch`` from any number of threads share the running batch (an attached CUDA fast
+    path still takes a single stream while it is free); ``score``, ``score_prefixes``, ``count_tokens``,
+    ``prefix_cache`` and the rest are the wrapped backend's own, run in the caller's thread between batch steps (the
+    model's forward lock orders them).
 
+    Args:
+        lm: the `TransformersLM` to share.
+        max_batch: most generations decoded together; more wait for a free row.
+        compile: compile the batched decode step (see `BatchScheduler`).
     Example:
         >>> lm = BatchedLM(TransformersLM.from_pretrained("meta-llama/Llama-3.1-8B", device="cuda"), max_batch=64)
     """
@@ -339,15 +366,23 @@ class BatchedLM:
 
     def generate(self, prompt: str, stop: Sequence[str] = (), max_new_tokens: int = 64,
                  sampling: Sampling = Sampling(), prefix: str | None = None, stats: dict | None = None) -> Iterator[str]:
-        return self.scheduler.generate(prompt, stop, max_new_tokens, sampling, prefix, stats)
+        """`TransformersLM.generate`, sharing forward passes with every other generation in flight."""
+        fast = getattr(self.inner, "fast", None)  # a free CUDA fast path beats the eager batch for one stream
+        pieces = None if fast is None else fast.try_generate(prompt, stop, max_new_tokens, sampling, prefix, stats)
+        if pieces is None:
+            pieces = self.scheduler.generate(prompt, stop, max_new_tokens, sampling, prefix, stats)
+        yield from pieces
 
     def generate_batch(self, prompts: Sequence[str], stop: Sequence[str] = (), max_new_tokens: int = 64,
                        sampling: Sampling = Sampling(), prefix: str | None = None,
                        stats: list[dict] | None = None) -> Iterator[tuple[int, str]]:
+        """`TransformersLM.generate_batch`: each prompt is a row of the shared batch, streamed as ``(row, piece)``."""
         sink: queue.Queue = queue.Queue()
-        reqs = [self.scheduler.submit(p, stop, max_new_tokens, sampling, prefix, sink, row,
-                                      None if stats is None else stats[row]) for row, p in enumerate(prompts)]
+        reqs = []
         try:
+            for row, p in enumerate(prompts):
+                reqs.append(self.scheduler.submit(p, stop, max_new_tokens, sampling, prefix, sink, row,
+                                                  None if stats is None else stats[row]))
             remaining = len(reqs)
             while remaining:
                 row, item = sink.get()

@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .base import LMError, Sampling
-from .batching import RowStream
+from .decoding import RowStream, choose_one, generator_for
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class FastPath:
     """Static-cache, compiled single-stream decoding over a `TransformersLM`'s model.
 
     Args:
-        lm: the `TransformersLM` whose model, tokenizer and prefix cache are used.
+        lm: the `TransformersLM` whose model, tokenizer, forward lock and prefix cache (its ``runner``) are used.
         max_len: static cache size in tokens (prompt + generated); longer requests take the ordinary path.
         compile: compile `decode_one_token` (True: inductor with CUDA graphs, ``mode="reduce-overhead"``; a string:
             that ``torch.compile`` backend, e.g. ``"eager"`` to check tracing on CPU). False runs it eagerly on the
@@ -43,6 +43,7 @@ class FastPath:
         compile_prefill: also compile the prefill forward, with dynamic shapes (no CUDA graphs: lengths vary).
     Example:
         >>> lm.fast = FastPath(lm).warmup()   # TransformersLM.generate now takes this path for single streams
+        >>> enable_fast_path(lm)              # the same, where it applies (one CUDA device); `load_lm` calls it
     """
 
     def __init__(self, lm, max_len: int = 4096, compile: bool | str = True, compile_prefill: bool | str = False):
@@ -82,7 +83,7 @@ class FastPath:
         lm = self.lm
         start = 0
         if prefix_len and lm.prefix_cache.capacity > 0:
-            entry = lm._prefix(tuple(ids[:prefix_len]))  # dynamic cache of the prefix, computed once (LRU)
+            entry = lm.runner.cached_prefix(tuple(ids[:prefix_len]))  # dynamic cache of the prefix, computed once
             with torch.no_grad():
                 self._load(entry.cache, prefix_len)
             start = prefix_len
@@ -94,14 +95,14 @@ class FastPath:
         positions = torch.arange(start, len(ids), device=self.device)[None]  # [1, L - P]
         # no_grad, not inference_mode: the static cache's tensors stay ordinary tensors, which torch.compile and CUDA
         # graphs handle as transformers' own compiled generate does.
-        with lm._forward_lock, torch.no_grad():
+        with lm.runner.lock, torch.no_grad():
             return self._forward_prefill(rest, positions)[0].clone()
 
     def decode_one_token(self, token: int, position: int) -> torch.Tensor:
         """Logits [V] after feeding ``token`` at ``position``."""
         tok = torch.tensor([[token]], device=self.device)  # [1, 1]
         pos = torch.tensor([[position]], device=self.device)  # [1, 1]
-        with self.lm._forward_lock, torch.no_grad():
+        with self.lm.runner.lock, torch.no_grad():
             # clone: a CUDA graph's output buffer is overwritten by its next replay
             return self._decode(tok, pos)[0].clone()
 
@@ -179,19 +180,13 @@ class FastPath:
 
     def _run(self, ids, prefix_len, stops, max_new_tokens, sampling, out, stats, cancel) -> None:
         """gpt-fast's ``generate``: prefill, then one compiled step per token, streaming text as it is safe."""
-        from .hf import _choose
-
         self.used += 1
-        row = RowStream(self.lm, ids[-1], stops, max_new_tokens)
-        rng = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        greedy = sampling.temperature <= 0 and sampling.repetition_penalty == 1.0
+        row = RowStream(self.lm.tok, self.lm.eos_ids, ids[-1], stops, max_new_tokens)
+        rng = generator_for(sampling)
         logits = self.prefill(ids, prefix_len)  # [V]
         position = len(ids)
         while not row.done:
-            if greedy:
-                token = int(logits.float().argmax())
-            else:
-                token = int(_choose(logits.float().cpu()[None], [row.generated], sampling, rng)[0])
+            token = choose_one(logits, row.generated, sampling, rng)
             piece = row.push(token)
             if piece and out is not None:
                 out.put(piece)

@@ -2,19 +2,23 @@
 
 One decode loop serves single and batched generation. Why not ``model.generate``: we need the prefix KV cache shared
 across calls, per-row stop strings with a held-back partial match, a repetition penalty over generated tokens only, and
-a forward lock per step so that concurrent chats interleave token by token instead of waiting for each other.
+a forward lock per step (`ModelRunner`) so that concurrent callers never run the model at once.
+
+This module knows nothing of the CUDA fast path (`fast.py`) or the continuous-batching scheduler (`batching.py`): both
+build on it and on the shared pieces in `decoding.py`, and `load_lm` attaches them. Serving many chats goes through
+`BatchedLM`, where concurrent generations share forward passes; this class alone decodes each call on its own.
 
 Shapes: ``ids`` [B, L] token ids; ``mask`` [B, past + L] (1 = real token); logits [B, V].
 """
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Iterator, Sequence
 
 import torch
 
-from .base import LMError, Sampling, StopScanner
+from .base import LMError, Sampling
+from .decoding import ModelRunner, RowStream, choose, generator_for, left_pad
 from .prefix_cache import CachedPrefix, PrefixCache, fork_cache
 
 log = logging.getLogger(__name__)
@@ -42,7 +46,8 @@ class TransformersLM:
         self.tok = tokenizer
         self.name = name
         self.prefix_cache = PrefixCache(prefix_cache_entries)
-        self._forward_lock = threading.Lock()
+        self.runner = ModelRunner(self.model, self.prefix_cache)  # the forward lock and prefill every loop shares
+        self.fast = None  # an attached single-stream fast path (`fast.FastPath`), set by `load_lm` on CUDA
         cfg = model.config
         self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
         eos = getattr(model.generation_config, "eos_token_id", None) or cfg.eos_token_id or tokenizer.eos_token_id
@@ -70,18 +75,11 @@ class TransformersLM:
                                                          device_map="auto" if device == "auto" else device, **kw)
         else:  # no device_map on CPU: accelerate's dispatch costs seconds there and buys nothing
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kw)
-        lm = cls(model, tokenizer, name=str(name_or_path), prefix_cache_entries=prefix_cache_entries)
-        # ---- fast path hook (app/lm/fast.py): static KV cache + compiled decode for single streams, CUDA only ----
-        if cuda:
-            from .fast import enable_fast_path
-
-            enable_fast_path(lm)
-        # ---- end fast path hook ----
-        return lm
+        return cls(model, tokenizer, name=str(name_or_path), prefix_cache_entries=prefix_cache_entries)
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        return self.runner.device
 
     # ------------------------------------------------------------------------------------------ tokenising
     def count_tokens(self, text: str) -> int:
@@ -94,38 +92,6 @@ class TransformersLM:
             tail = self.tok(prompt[len(prefix):], add_special_tokens=False).input_ids
             return head + tail, len(head)
         return self.tok(prompt, add_special_tokens=True).input_ids, 0
-
-    # ---------------------------------------------------------------------------------------- forward pass
-    def _forward(self, ids: torch.Tensor, cache, mask=None, positions=None, keep: int = 1):
-        with self._forward_lock, torch.inference_mode():
-            out = self.model(
-                input_ids=ids.to(self.device),
-                cache=cache,
-                attention_mask=None if mask is None else mask.to(self.device),
-                position_ids=None if positions is None else positions.to(self.device),
-                use_cache=True,
-                logits_to_keep=keep,
-            )
-        return out.cache, out.logits
-
-    def _prefix(self, ids: tuple[int, ...]) -> CachedPrefix:
-        entry = self.prefix_cache.get(ids)
-        if entry is None:
-            cache, logits = self._forward(torch.tensor([ids]), None)
-            entry = CachedPrefix(ids, cache, logits[0, -1])
-            self.prefix_cache.put(entry)
-        return entry
-
-    def _prefill(self, ids: list[int], prefix_len: int):
-        """KV cache after ``ids`` (batch 1) and the last position's logits [V], reusing a cached prefix."""
-        if prefix_len and self.prefix_cache.capacity > 0:
-            entry = self._prefix(tuple(ids[:prefix_len]))
-            if prefix_len == len(ids):
-                return entry.fork(), entry.last_logits
-            cache, logits = self._forward(torch.tensor([ids[prefix_len:]]), entry.fork())
-            return cache, logits[0, -1]
-        cache, logits = self._forward(torch.tensor([ids]), None)
-        return cache, logits[0, -1]
 
     # ----------------------------------------------------------------------------------------- generation
     def generate(
@@ -140,14 +106,13 @@ class TransformersLM:
         """Stream the continuation of ``prompt`` as text pieces, cut at the first stop string.
 
         ``stats``, when given, is filled with ``tokens`` (generated) and ``finish`` ("stop", "eos" or "length").
+        An attached fast path (``self.fast``, anything with ``try_generate``) takes the call when it is free.
         """
-        # ---- fast path hook (app/lm/fast.py): a free static cache takes single streams; else the loop below ----
-        fast = getattr(self, "fast", None)
-        pieces = None if fast is None else fast.try_generate(prompt, stop, max_new_tokens, sampling, prefix, stats)
+        pieces = None if self.fast is None else self.fast.try_generate(prompt, stop, max_new_tokens, sampling,
+                                                                       prefix, stats)
         if pieces is not None:
             yield from pieces
             return
-        # ---- end fast path hook ----
         for _, piece in self.generate_batch([prompt], stop, max_new_tokens, sampling, prefix,
                                             stats=None if stats is None else [stats]):
             yield piece
@@ -188,51 +153,29 @@ class TransformersLM:
         encoded = [self.encode(p, shared) for p in prompts]
         B = len(prompts)
         if B == 1:
-            cache, logits = self._prefill(*encoded[0])
+            cache, logits = self.runner.prefill(*encoded[0])
             logits, mask, next_pos = logits[None], None, torch.tensor([len(encoded[0][0])])
         else:
             cache, logits, mask, next_pos = self._prefill_batch(encoded)
-        anchors = [ids[-1] for ids, _ in encoded]  # decoded with the reply so a leading space survives
-        generated: list[list[int]] = [[] for _ in range(B)]
-        scanners = [StopScanner(stops) for _ in range(B)]
-        finish = ["length"] * B
-        rng = None
-        if sampling.seed is not None:
-            rng = torch.Generator().manual_seed(sampling.seed)
-        for step in range(max_new_tokens):
-            next_ids = _choose(logits.float().cpu(), generated, sampling, rng)
-            for row in range(B):
-                if scanners[row].done:
-                    continue
-                tok_id = int(next_ids[row])
-                if tok_id in self.eos_ids:
-                    piece = scanners[row].finish(self._text(anchors[row], generated[row]))
-                    finish[row] = "eos"
-                else:
-                    generated[row].append(tok_id)
-                    text = self._text(anchors[row], generated[row])
-                    piece = scanners[row].feed(text)
-                    if scanners[row].done:
-                        finish[row] = "stop"
-                    if not scanners[row].done and step == max_new_tokens - 1:
-                        piece += scanners[row].finish(text)
+        rows = [RowStream(self.tok, self.eos_ids, ids[-1], stops, max_new_tokens) for ids, _ in encoded]
+        rng = generator_for(sampling)
+        while not all(r.done for r in rows):
+            next_ids = choose(logits.float().cpu(), [r.generated for r in rows], sampling, rng)
+            for i, row in enumerate(rows):
+                piece = "" if row.done else row.push(int(next_ids[i]))
                 if piece:
-                    yield row, piece
-            if all(s.done for s in scanners) or step == max_new_tokens - 1:
+                    yield i, piece
+            if all(r.done for r in rows):
                 break
+            # Finished rows keep being fed (their tokens are ignored): the batch keeps its shape.
             feed = torch.tensor([[int(t)] for t in next_ids])
             if mask is not None:
                 mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
-            cache, out = self._forward(feed, cache, mask=mask, positions=next_pos[:, None])
+            cache, out = self.runner.forward(feed, cache, mask=mask, positions=next_pos[:, None])
             next_pos = next_pos + 1
             logits = out[:, -1]
-        for row in range(B):  # rows that ran out of tokens without a stop
-            if not scanners[row].done:
-                piece = scanners[row].finish(self._text(anchors[row], generated[row]))
-                if piece:
-                    yield row, piece
-        for row, slot in enumerate(stats or []):
-            slot.update(tokens=len(generated[row]), finish=finish[row])
+        for row, slot in zip(rows, stats or []):
+            slot.update(row.stats())
 
     def _pad_free(self, prompts: Sequence[str], prefix: str | None) -> bool:
         """True when a padded batch needs no pads after the prefix (all remainders have one length)."""
@@ -245,7 +188,7 @@ class TransformersLM:
         """Shared cached prefix + left-padded remainders: [prefix][pad..][rest] with the pads masked out."""
         prefix_len = encoded[0][1]
         if prefix_len and all(p == prefix_len for _, p in encoded) and self.prefix_cache.capacity > 0:
-            entry = self._prefix(tuple(encoded[0][0][:prefix_len]))
+            entry = self.runner.cached_prefix(tuple(encoded[0][0][:prefix_len]))
             cache = entry.fork(batch=len(encoded))
             rests = [ids[prefix_len:] for ids, _ in encoded]
         else:
@@ -258,15 +201,8 @@ class TransformersLM:
         rest_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rests])
         mask = torch.cat([torch.ones(len(rows), prefix_len, dtype=torch.long), rest_mask], dim=1)
         positions = (prefix_len + rest_mask.cumsum(1) - 1).clamp(min=0)
-        cache, logits = self._forward(torch.tensor(rows), cache, mask=mask, positions=positions)
+        cache, logits = self.runner.forward(torch.tensor(rows), cache, mask=mask, positions=positions)
         return cache, logits[:, -1], mask, positions[:, -1] + 1
-
-    def _text(self, anchor: int, generated: list[int]) -> str:
-        if not generated:
-            return ""
-        head = self.tok.decode([anchor], skip_special_tokens=True)
-        full = self.tok.decode([anchor] + generated, skip_special_tokens=True)
-        return full[len(head):] if full.startswith(head) else self.tok.decode(generated, skip_special_tokens=True)
 
     # --------------------------------------------------------------------------------------------- scoring
     def score(self, context: str, continuations: Sequence[str], prefix: str | None = None) -> list[float]:
@@ -276,7 +212,7 @@ class TransformersLM:
         over that shared cache. Right padding needs no mask: a real token only attends to tokens before it.
         """
         ids, prefix_len = self.encode(context, prefix)
-        cache, last_logits = self._prefill(ids, prefix_len)
+        cache, last_logits = self.runner.prefill(ids, prefix_len)
         conts = [self.tok(c, add_special_tokens=False).input_ids for c in continuations]
         first = torch.log_softmax(last_logits.float(), dim=-1).cpu()
         scores = [0.0] * len(conts)
@@ -293,7 +229,7 @@ class TransformersLM:
             if width == 1:
                 continue
             rows = torch.tensor([conts[i][:-1] + [self.pad_id] * (width - len(conts[i])) for i in chunk])
-            _, logits = self._forward(rows, fork_cache(cache, len(chunk)), keep=0)
+            _, logits = self.runner.forward(rows, fork_cache(cache, len(chunk)), keep=0)
             logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # [b, width-1, V]
             for r, i in enumerate(chunk):
                 targets = torch.tensor(conts[i][1:])
@@ -330,7 +266,8 @@ class TransformersLM:
         if not cont:
             return [0.0] * len(prefixes)
         try:
-            entries = [self._prefix(tuple(self.tok(p, add_special_tokens=True).input_ids)) for p in prefixes]
+            entries = [self.runner.cached_prefix(tuple(self.tok(p, add_special_tokens=True).input_ids))
+                       for p in prefixes]
             # The first continuation token is predicted by each prefix's stored last logits: no forward needed.
             first = torch.stack([e.last_logits.float() for e in entries]).log_softmax(-1)[:, cont[0]].cpu()
             if len(cont) == 1:
@@ -361,8 +298,8 @@ def _score_stacked(lm: "TransformersLM", entries: list[CachedPrefix], cont: list
         kvs = [(e.cache.layers[idx].keys, e.cache.layers[idx].values) for e in entries]
         real = [k.shape[-2] for k, _ in kvs]  # c_i: slots this layer keeps (min(P_i, window-1) when sliding)
         K = max(real)
-        layer.keys = torch.cat([_left_pad(k, K) for k, _ in kvs])  # [B, heads, K, head_dim]
-        layer.values = torch.cat([_left_pad(v, K) for _, v in kvs])
+        layer.keys = torch.cat([left_pad(k, K) for k, _ in kvs])  # [B, heads, K, head_dim]
+        layer.values = torch.cat([left_pad(v, K) for _, v in kvs])
         kind = layer_types[idx]
         if kind in masks:
             if masks[kind].shape[-1] != K + L:
@@ -389,7 +326,7 @@ def _score_stacked(lm: "TransformersLM", entries: list[CachedPrefix], cont: list
             lm._bf16_head = weight.detach().to(torch.bfloat16)
         weight, bias = lm._bf16_head, None if bias is None else bias.to(torch.bfloat16)
     autocast = torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=low_precision)
-    with lm._forward_lock, torch.inference_mode(), autocast:
+    with lm.runner.lock, torch.inference_mode(), autocast:
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=q_pos.to(lm.device),
                                      cache=cache, use_cache=True).last_hidden_state  # [B, L, H]
         # Logits only for a bounded number of positions at a time (a 262k vocabulary is ~1 MB per position).
@@ -404,32 +341,4 @@ def _score_stacked(lm: "TransformersLM", entries: list[CachedPrefix], cont: list
     return out.view(B, L).sum(1)
 
 
-def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
-    """Zero-pad a [1, heads, n, d] cache tensor on the left of its sequence axis to ``length``."""
-    n = t.shape[-2]
-    return t if n == length else torch.nn.functional.pad(t, (0, 0, length - n, 0))
 # ------------------------------------------------------------------ end of score_prefixes
-
-def _choose(logits: torch.Tensor, generated: list[list[int]], s: Sampling, rng) -> torch.Tensor:
-    """Next token per row from logits [B, V]: repetition penalty on generated tokens, then greedy or sampled."""
-    if s.repetition_penalty != 1.0:
-        logits = logits.clone()
-        for row, toks in enumerate(generated):
-            if toks:
-                idx = torch.tensor(sorted(set(toks)))
-                vals = logits[row, idx]
-                logits[row, idx] = torch.where(vals > 0, vals / s.repetition_penalty, vals * s.repetition_penalty)
-    if s.temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / s.temperature
-    if s.top_k > 0:
-        kth = torch.topk(logits, min(s.top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if s.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) > s.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)[:, 0]
-

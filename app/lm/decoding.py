@@ -1,0 +1,165 @@
+"""What every transformers decode loop shares: the forward pass, prefill over the prefix cache, token choice, and one
+row's text state. The plain loop (`hf.py`), the CUDA fast path (`fast.py`) and the continuous-batching scheduler
+(`batching.py`) all build on these, so they decide and cut text the same way and agree token for token.
+
+A leaf module: it imports nothing from ``app.lm`` but `base` and `prefix_cache`.
+
+Shapes: ids [B, L]; mask [B, past + L] (1 = real token); logits [B, V] (``keep=1``) or [B, L, V] (``keep=0``).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import torch
+
+from .base import Sampling, StopScanner
+from .prefix_cache import CachedPrefix, PrefixCache
+
+
+class ModelRunner:
+    """One model's forward passes, serialised by one lock, and its prefix KV cache.
+
+    Every decode loop on the model (plain, fast path, batch scheduler) and every scoring call goes through one runner,
+    so two threads never run the model at once and all of them share the cached prefixes.
+
+    Args:
+        model: a loaded ``AutoModelForCausalLM`` in eval mode.
+        prefix_cache: the LRU of encoded prefixes.
+    """
+
+    def __init__(self, model, prefix_cache: PrefixCache):
+        self.model = model
+        self.prefix_cache = prefix_cache
+        self.lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def forward(self, ids: torch.Tensor, cache=None, mask=None, positions=None, keep: int = 1):
+        """(cache, logits) after feeding ``ids`` [B, L] on top of ``cache``; ``keep`` last positions' logits (0: all)."""
+        with self.lock, torch.inference_mode():
+            out = self.model(
+                input_ids=ids.to(self.device),
+                cache=cache,
+                attention_mask=None if mask is None else mask.to(self.device),
+                position_ids=None if positions is None else positions.to(self.device),
+                use_cache=True,
+                logits_to_keep=keep,
+            )
+        return out.cache, out.logits
+
+    def cached_prefix(self, ids: tuple[int, ...]) -> CachedPrefix:
+        """The prefix cache's entry for ``ids``, encoding it (batch 1) on a miss."""
+        entry = self.prefix_cache.get(ids)
+        if entry is None:
+            cache, logits = self.forward(torch.tensor([ids]))
+            entry = CachedPrefix(ids, cache, logits[0, -1])
+            self.prefix_cache.put(entry)
+        return entry
+
+    def prefill(self, ids: list[int], prefix_len: int):
+        """A private KV cache after ``ids`` (batch 1) and the last position's logits [V], reusing a cached prefix."""
+        if prefix_len and self.prefix_cache.capacity > 0:
+            entry = self.cached_prefix(tuple(ids[:prefix_len]))
+            if prefix_len == len(ids):
+                return entry.fork(), entry.last_logits
+            cache, logits = self.forward(torch.tensor([ids[prefix_len:]]), entry.fork())
+            return cache, logits[0, -1]
+        cache, logits = self.forward(torch.tensor([ids]))
+        return cache, logits[0, -1]
+
+
+# ------------------------------------------------------------------------------------------------ token choice
+def is_greedy(s: Sampling) -> bool:
+    """True when the next token is the argmax of the raw logits (no penalty, no sampling)."""
+    return s.temperature <= 0 and s.repetition_penalty == 1.0
+
+
+def generator_for(s: Sampling) -> torch.Generator | None:
+    """A private random generator for a seeded request (so concurrent requests never share randomness)."""
+    return None if s.seed is None else torch.Generator().manual_seed(s.seed)
+
+
+def choose(logits: torch.Tensor, generated: Sequence[Sequence[int]], s: Sampling, rng=None) -> torch.Tensor:
+    """Next token per row from logits [B, V] (CPU, float): repetition penalty on generated tokens, then greedy or
+    sampled (temperature, top-k, top-p). Returns [B]."""
+    if s.repetition_penalty != 1.0:
+        logits = logits.clone()
+        for row, toks in enumerate(generated):
+            if toks:
+                idx = torch.tensor(sorted(set(toks)))
+                vals = logits[row, idx]
+                logits[row, idx] = torch.where(vals > 0, vals / s.repetition_penalty, vals * s.repetition_penalty)
+    if s.temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / s.temperature
+    if s.top_k > 0:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) > s.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)[:, 0]
+
+
+def choose_one(logits: torch.Tensor, generated: list[int], s: Sampling, rng=None) -> int:
+    """`choose` for one row's logits [V] (any device): greedy by argmax where it stands, else on the CPU."""
+    if is_greedy(s):
+        return int(logits.float().argmax())
+    return int(choose(logits.float().cpu()[None], [generated], s, rng)[0])
+
+
+# ---------------------------------------------------------------------------------------------- a row's text
+def decode_text(tok, anchor: int, generated: list[int]) -> str:
+    """The text of ``generated``, decoded after the prompt's last token ``anchor`` so that a leading space survives."""
+    if not generated:
+        return ""
+    head = tok.decode([anchor], skip_special_tokens=True)
+    full = tok.decode([anchor] + generated, skip_special_tokens=True)
+    return full[len(head):] if full.startswith(head) else tok.decode(generated, skip_special_tokens=True)
+
+
+class RowStream:
+    """One generation's text state: tokens so far, the stop scanner, and why it finished.
+
+    ``push(token)`` returns the new text that is safe to show; ``done`` turns true on EOS, a stop string, or the
+    token limit. Every decode loop uses it, so their outputs match token for token.
+    """
+
+    def __init__(self, tok, eos_ids: set[int], anchor: int, stops: Sequence[str], max_new_tokens: int):
+        self.tok, self.eos_ids, self.anchor, self.max_new_tokens = tok, eos_ids, anchor, max_new_tokens
+        self.generated: list[int] = []
+        self.scanner = StopScanner(stops)
+        self.finish = "length"
+        self.done = max_new_tokens <= 0
+
+    def push(self, token: int) -> str:
+        if token in self.eos_ids:
+            self.finish, self.done = "eos", True
+            return self.scanner.finish(self.text())
+        self.generated.append(token)
+        text = self.text()
+        piece = self.scanner.feed(text)
+        if self.scanner.done:
+            self.finish, self.done = "stop", True
+        elif len(self.generated) >= self.max_new_tokens:
+            piece += self.scanner.finish(text)
+            self.done = True
+        return piece
+
+    def text(self) -> str:
+        return decode_text(self.tok, self.anchor, self.generated)
+
+    def stats(self) -> dict:
+        return {"tokens": len(self.generated), "finish": self.finish}
+
+
+def left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad a [B, heads, n, head_dim] cache tensor on the left of its sequence axis to ``length``."""
+    n = t.shape[-2]
+    return t if n == length else torch.nn.functional.pad(t, (0, 0, length - n, 0))
