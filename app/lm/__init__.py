@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LM", "LMError", "Sampling", "StopScanner", "complete", "load_lm"]
 
+# Rows one running batch holds. The server admits `max_active` turns at once, and a turn may generate twice (a parser
+# skill's query, then the reply) while another's scorer runs: room for twice that, and never fewer than this.
+_MIN_BATCH = 16
+
 
 def load_lm(settings, progress=None) -> LM:
     """The LM named by ``settings.model``.
@@ -31,7 +35,9 @@ def load_lm(settings, progress=None) -> LM:
     folder, loaded with transformers (``device_map`` through accelerate on GPUs); ``openai:URL`` is an OpenAI-compatible
     completions server (vLLM, llama.cpp) reached over HTTP (`RemoteLM`, docs/scaling.md).
 
-    A transformers model on one CUDA device gets the static-cache fast path for single streams.
+    A transformers model on one CUDA device gets the static-cache fast path for single streams. With
+    ``settings.batching`` on (the default), the model is served through `BatchedLM`: ``generate`` calls from
+    concurrent threads (chats) share one running batch, token for token the same greedy output as alone.
     """
     import torch
 
@@ -66,5 +72,9 @@ def load_lm(settings, progress=None) -> LM:
             from .fast import enable_fast_path
 
             enable_fast_path(lm)  # static KV cache + compiled decode step for a single stream
+    if getattr(settings, "batching", True):  # Settings.batching (FSB_BATCHING, default on); getattr until it lands
+        from .batching import BatchedLM
+
+        lm = BatchedLM(lm, max_batch=max(_MIN_BATCH, getattr(settings, "max_active", 0) * 2))
     log.info("model %s loaded in %.1f s", name, time.perf_counter() - started)
     return lm

@@ -139,9 +139,14 @@ class BatchScheduler:
             req.cancelled.set()  # a consumer that stops early (client gone) frees its row at the next step
 
     @property
-    def busy(self) -> bool:
-        """True while any request is running or waiting."""
-        return bool(self._rows or self._waiting or not self._queue.empty())
+    def running(self) -> int:
+        """Rows in the running batch."""
+        return len(self._rows)
+
+    @property
+    def queued(self) -> int:
+        """Requests submitted that have not joined the batch yet."""
+        return self._queue.qsize() + len(self._waiting)
 
     def close(self) -> None:
         """Stop the scheduler: running and waiting requests end with an `LMError`; later submits raise one."""

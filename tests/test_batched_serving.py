@@ -1,0 +1,169 @@
+"""Serving shares the model: `load_lm` returns an LM whose concurrent `generate` calls run in one continuous batch
+(app/lm/batching.py), each getting exactly what it would get alone -- text, stop cuts and stats -- while scoring from
+other threads goes on, a reader that leaves frees its row, and a failing row fails alone. On the tiny model, on CPU.
+
+The solo reference is the wrapped `TransformersLM` itself (``lm.inner``), called while nothing else runs.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from app.lm import LMError, Sampling, complete, load_lm
+from app.settings import Settings
+
+SHOTS = "".join(f"Persona Information:\nI like {x}.\nDialogue:\nUser: hi\nAssistant: hello, I like {x}.\n\n"
+                for x in ("cats", "boats", "bread"))
+JOBS = [  # (prompt, prefix, max_new_tokens): different lengths, prefixes (longer than the 16-slot window, shorter, none)
+    (SHOTS + "Dialogue:\nUser: what do you like?\nAssistant:", SHOTS, 40),
+    (SHOTS + "Dialogue:\nUser: do you sail?\nAssistant:", SHOTS, 23),
+    ("User: hi\nAssistant: hello\nUser: bye\nAssistant:", "User: hi\n", 31),
+    ("User: tell me about boats\nAssistant:", None, 12),
+    ("User: a much longer opening question about bread, boats and the sea?\nAssistant:", None, 50),
+    (SHOTS, SHOTS, 7),
+]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    served = load_lm(Settings.load(env={}, model="tiny", data_dir=tmp_path_factory.mktemp("data")))
+    yield served
+    served.close()
+
+
+def solo(lm, prompt, **kw):
+    """The unbatched path's text and stats (the wrapped backend, nothing else running)."""
+    stats: dict = {}
+    return complete(lm.inner, prompt, stats=stats, **kw), stats
+
+
+def wait_until(check, timeout=30.0):
+    deadline = time.time() + timeout
+    while not check():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def run_together(lm, clients, chats=None):
+    """Start one thread per client while the model is held (as by a long forward pass), release it once every
+    chat (the first ``chats`` clients, default all) has queued, so all of them are in the batch at once. Returns what
+    each client returned or raised."""
+    results: list = [None] * len(clients)
+
+    def run(i):
+        try:
+            results[i] = clients[i]()
+        except Exception as exc:  # noqa: BLE001 - recorded and asserted on
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(clients))]
+    with lm.runner.lock:
+        for t in threads:
+            t.start()
+        chats = len(clients) if chats is None else chats
+        wait_until(lambda: lm.scheduler.queued == chats - 1)  # the first one is prefilling: waits for the lock
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    return results
+
+
+def client(lm, prompt, **kw):
+    def call():
+        stats: dict = {}
+        return "".join(lm.generate(prompt, stats=stats, **kw)), stats
+    return call
+
+
+def test_load_lm_serves_through_one_shared_batch(lm):
+    assert lm.name == "tiny" and lm.context_length == lm.inner.context_length
+    expected = [solo(lm, p, prefix=x, max_new_tokens=n) for p, x, n in JOBS]
+    steps_before = lm.scheduler.steps
+    got = run_together(lm, [client(lm, p, prefix=x, max_new_tokens=n) for p, x, n in JOBS])
+    assert got == expected  # token for token, and the same stats ({"tokens", "finish"})
+    assert all(text for text, _ in got)
+    assert lm.scheduler.max_rows_seen == len(JOBS)  # all six decoded together...
+    # ...in about as many forward passes as the longest chat alone needs, not one pass per token of every chat
+    assert lm.scheduler.steps - steps_before <= max(n for *_, n in JOBS) < sum(n for *_, n in JOBS) / 3
+    assert lm.scheduler.running == 0
+
+
+def test_stop_strings_cut_each_row_where_they_cut_alone(lm):
+    jobs = []
+    for prompt, prefix, n in JOBS:
+        free, _ = solo(lm, prompt, prefix=prefix, max_new_tokens=n)
+        stop = free[3:5] if len(free.strip()) > 6 else "\u2603"  # a stop from inside the text, or one never written
+        jobs.append((prompt, prefix, n, [stop, "\nUser:"]))
+    expected = [solo(lm, p, prefix=x, max_new_tokens=n, stop=s) for p, x, n, s in jobs]
+    got = run_together(lm, [client(lm, p, prefix=x, max_new_tokens=n, stop=s) for p, x, n, s in jobs])
+    assert got == expected
+    assert sum(stats["finish"] == "stop" for _, stats in got) >= 3
+    for (text, _), (*_, stops) in zip(got, jobs):
+        assert not any(s in text for s in stops)
+
+
+def test_a_reader_that_leaves_frees_its_row_and_the_others_finish(lm):
+    left: dict = {}
+
+    def leaver():
+        stream = lm.generate(JOBS[4][0], max_new_tokens=400, stats=left)
+        first = [next(stream), next(stream)]
+        stream.close()  # the HTTP client went away
+        return first
+
+    expected = [solo(lm, p, prefix=x, max_new_tokens=n) for p, x, n in JOBS[:4]]
+    got = run_together(lm, [leaver] + [client(lm, p, prefix=x, max_new_tokens=n) for p, x, n in JOBS[:4]])
+    assert got[1:] == expected and len(got[0]) == 2
+    wait_until(lambda: lm.scheduler.running == 0)
+    assert left["tokens"] < 100  # it left the batch when its reader did, far from its 400 tokens
+
+
+def test_a_failing_row_fails_alone(lm):
+    too_long = "boats and bread " * 3000  # past the tiny model's 4096-token context
+    clients = [client(lm, too_long, max_new_tokens=5),
+               client(lm, JOBS[0][0], prefix=JOBS[0][1], max_new_tokens=20, sampling=Sampling(temperature=1e-300)),
+               client(lm, JOBS[2][0], prefix=JOBS[2][1], max_new_tokens=30),
+               client(lm, JOBS[3][0], max_new_tokens=12)]
+    expected = [solo(lm, JOBS[2][0], prefix=JOBS[2][1], max_new_tokens=30), solo(lm, JOBS[3][0], max_new_tokens=12)]
+    got = run_together(lm, clients)
+    assert isinstance(got[0], LMError) and "context" in str(got[0])
+    assert isinstance(got[1], LMError) and "probability" in str(got[1])  # a temperature too small to sample with
+    assert got[2:] == expected
+    assert complete(lm, JOBS[3][0], max_new_tokens=12) == expected[1][0]  # the scheduler serves on
+
+
+def test_scoring_from_other_threads_while_chats_decode(lm):
+    context, conts = "Dialogue:\nUser: do you like boats?\nAssistant:", [" yes, I love boats.", " no", " bread"]
+    prefixes = [SHOTS, "Persona Information:\nI like tea.\n"]
+    want_scores = lm.inner.score(context, conts, prefix="Dialogue:\n")
+    want_prefixed = lm.inner.score_prefixes(prefixes, context)
+    expected = [solo(lm, p, prefix=x, max_new_tokens=n) for p, x, n in JOBS[:4]]
+
+    def scorer():
+        return [(lm.score(context, conts, prefix="Dialogue:\n"), lm.score_prefixes(prefixes, context))
+                for _ in range(5)]
+
+    got = run_together(lm, [client(lm, p, prefix=x, max_new_tokens=n) for p, x, n in JOBS[:4]] + [scorer, scorer],
+                       chats=4)
+    assert got[:4] == expected
+    for rounds in got[4:]:
+        for scores, prefixed in rounds:
+            assert scores == pytest.approx(want_scores, abs=1e-4)
+            assert prefixed == pytest.approx(want_prefixed, abs=1e-4)
+    assert lm.count_tokens("hello there") == lm.inner.count_tokens("hello there") > 0
+    assert lm.prefix_cache is lm.inner.prefix_cache
+
+
+def test_generate_batch_and_seeded_sampling_through_the_batch(lm):
+    prompts = [JOBS[0][0], JOBS[1][0]]
+    stats_b, stats_s = [{}, {}], [{}, {}]
+    out = ["", ""]
+    for row, piece in lm.generate_batch(prompts, max_new_tokens=15, prefix=SHOTS, stats=stats_b):
+        out[row] += piece
+    assert [(o, s) for o, s in zip(out, stats_b)] == [solo(lm, p, prefix=SHOTS, max_new_tokens=15) for p in prompts]
+    sampling = Sampling(temperature=1.3, top_k=40, repetition_penalty=1.3, seed=11)
+    assert complete(lm, prompts[0], sampling=sampling, max_new_tokens=15, stats=stats_s[0]) == complete(
+        lm.inner, prompts[0], sampling=sampling, max_new_tokens=15, stats=stats_s[1])
+    assert stats_s[0] == stats_s[1]
