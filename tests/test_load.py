@@ -1,12 +1,19 @@
 """Load on loopback (short, for CI; `bench/load.py` runs the long version): concurrent clients, streamed and not, get a
-complete reply or a clean 429 with Retry-After, and no reply lands in another session."""
+complete reply or a clean 429 with Retry-After, and no reply lands in another session; the bench itself, briefly on the
+tiny model with half its requests hanging up, reports what it should and ends on time."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import httpx
 import pytest
 
+from app.settings import REPO_ROOT
 from tests.conftest import LiveServer
 
 
@@ -63,3 +70,37 @@ def test_concurrent_clients_get_whole_replies_or_a_clean_429_and_sessions_stay_a
         assert [m["role"] for m in msgs] == ["user", "assistant"]
         assert msgs[0]["content"] == f"client {session['user'][1:]} says hello"
     assert httpx.get(url + "/healthz").status_code == 200
+
+
+def test_the_load_bench_with_disconnects_reports_goodput_and_ends_on_time():
+    seconds, grace, drain = 5, 5, 10
+    env = {**os.environ, "FSB_SELECTOR": "off", "FSB_MEMORY": "off", "FSB_MAX_ACTIVE": "2", "FSB_MAX_WAITING": "2"}
+    cmd = [sys.executable, "bench/load.py", "--model", "tiny", "--clients", "4", "--seconds", str(seconds),
+           "--max-tokens", "8", "--disconnect-rate", "0.5", "--timeout", "10", "--grace", str(grace),
+           "--drain", str(drain), "--seed", "7", "--json"]
+    started = time.monotonic()
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    # the clients stop within --seconds + --grace, and the drain within --drain more, whatever the server does
+    assert result["seconds"] <= seconds + grace + 1
+    assert time.monotonic() - started < 300 + seconds + grace + drain + 60  # start (<= 300 s), run, drain, stop
+
+    for key in ("requests", "ok", "disconnected"):
+        assert isinstance(result[key], int) and result[key] >= 0, key
+    assert result["requests"] >= result["ok"] + result["disconnected"] > 0
+    assert isinstance(result["errors"], dict)
+    assert result["requests"] == result["ok"] + result["disconnected"] + sum(result["errors"].values())
+    assert result["disconnected"] > 0  # about half of the requests hang up on purpose
+    assert sum(result["disconnected_at"].values()) == result["disconnected"]
+    assert set(result["disconnected_at"]) <= {"partial-body", "after-send", "first-chunk", "mid-stream"}
+    assert isinstance(result["goodput_rps"], float) and result["goodput_rps"] >= 0
+    assert result["goodput_rps"] == pytest.approx(result["ok"] / result["seconds"], rel=0.05, abs=0.01)
+    assert isinstance(result["peak_rss_mb"], float) and result["peak_rss_mb"] > 0
+    for key in ("p50_s", "p95_s"):  # over completed turns only: null when none completed
+        assert (result[key] is None) if result["ok"] == 0 else (isinstance(result[key], float) and result[key] > 0)
+    if result["ok"]:
+        assert result["p50_s"] <= result["p95_s"]
+    # read from the server's /metrics once the clients stop: no turn is left holding a slot or waiting for one,
+    # whichever point the clients hung up at
+    assert result["in_flight_after"] == 0 and result["queued_after"] == 0, (result, done.stderr[-2000:])
