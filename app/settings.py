@@ -1,17 +1,47 @@
 """One `Settings` object, resolved once and passed down.
 
 Precedence, highest first: an explicit keyword (a CLI flag), an ``FSB_*`` environment variable, the default below.
-Paths to ``skills/``, ``prompts/`` and the data directory come from here and nowhere else.
+Paths to ``skills/``, ``prompts/`` and the data directory come from here and nowhere else; ``skills/`` and
+``prompts/`` default to the copies installed with the package (`packaged_dir`).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The source checkout, for tests and benchmarks only: the product finds its files through the installed packages.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = "embedded:gemma-3-270m"
+
+
+def packaged_dir(name: str) -> Path:
+    """The folder of the data-only package ``fsb_assets.<name>`` (``skills`` or ``prompts``).
+
+    pyproject.toml ships the repository's ``skills/`` and ``prompts/`` as these packages: in a wheel they lie under
+    site-packages, in an editable install (``pip install -e .``) setuptools' import hook maps them to the checkout's
+    folders. Either way the answer comes from the import system, never from the current directory.
+    """
+    try:
+        spec = importlib.util.find_spec(f"fsb_assets.{name}")
+    except ModuleNotFoundError:
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        # an editable install's namespace path also holds a placeholder entry for its import hook: skip it
+        if Path(location).is_dir():
+            return Path(location)
+    raise RuntimeError(f"the packaged {name}/ folder was not found: install Few-Shot Bot (`pip install .`, or "
+                       f"`pip install -e .` in a checkout) or set FSB_{name.upper()}_DIR")
+
+
+def _default_skills_dir() -> Path:
+    return packaged_dir("skills")
+
+
+def _default_prompts_dir() -> Path:
+    return packaged_dir("prompts")
 
 
 def _default_data_dir() -> Path:
@@ -29,8 +59,8 @@ class Settings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     data_dir: Path = field(default_factory=_default_data_dir)
-    skills_dir: Path = REPO_ROOT / "skills"
-    prompts_dir: Path = REPO_ROOT / "prompts"
+    skills_dir: Path = field(default_factory=_default_skills_dir)  # the installed skills/ (see packaged_dir)
+    prompts_dir: Path = field(default_factory=_default_prompts_dir)
     default_skill: str = "persona"
     selector: str = "best"  # prompt | embedding | hybrid | best | off
     safety: bool = True  # safety skills check the user's last message before the selector (needs the selector)
