@@ -1,8 +1,12 @@
 # The two commands of the README:  `make serve`  and  `make test`.  Both set everything up first.
+# `make serve` installs only what serving needs (stamp $(STAMP)); `make test` adds the test tools on top (stamp
+# $(TEST_STAMP)), so `make test` after `make serve` installs just the test tools, and `make serve` after `make test`
+# installs nothing.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.fsb-installed
+TEST_STAMP := $(VENV)/.fsb-test-installed
 TORCH   ?= torch==2.13.0
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
@@ -10,19 +14,27 @@ LLAMA   ?= llama-cpp-python[server]>=0.3.16
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
                     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 
-.PHONY: setup serve test browser bench clean
+.PHONY: setup setup-test serve test browser bench clean
 
-$(STAMP): pyproject.toml Makefile
+# Serving: the CPU build of torch (from the local wheel), then the package and its runtime dependencies only.
+$(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev]"
-	# llama-cpp-python's OpenAI-compatible server, for the remote-backend tests (a real server on loopback). PyPI has
-	# only its source: the first build takes several minutes on 2 cores; pip caches the wheel for later setups.
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install --quiet "$(LLAMA)"
+	$(BIN)/pip install --quiet -e .
 	touch $(STAMP)
 
+# Testing: the dev extra (pytest, openai, playwright, hypothesis, schemathesis) and llama-cpp-python's
+# OpenAI-compatible server, for the remote-backend tests (a real server on loopback). PyPI has only its source: the
+# first build takes several minutes on 2 cores; pip caches the wheel for later setups.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install --quiet "$(LLAMA)"
+	touch $(TEST_STAMP)
+
 setup: $(STAMP)
+
+setup-test: $(TEST_STAMP)
 
 # Debian's Chromium for the web-chat test (root on this kind of machine; skipped where it is already installed).
 browser:
@@ -32,7 +44,7 @@ browser:
 serve: setup
 	$(BIN)/python server.py --host $(HOST) --port $(PORT)
 
-test: setup browser
+test: setup-test browser
 	$(BIN)/python -m pytest -q
 
 bench: setup
