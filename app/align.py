@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .lm.base import Sampling, StopScanner
-from .skills import Generation, _compile, _line_for, _line_map
+from .skills import Generation, _compile, _line_for, _line_map, context_budget
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ class Aligner:
         history = [p.render_exchange(self._defuse(q), self._defuse(a)) + p.separator for q, a in pairs]
         dropped = max(0, len(history) - self.settings.history_turns)
         history = history[dropped:]
-        budget = self.settings.context_tokens - (max_new_tokens or p.generation.max_new_tokens)
+        budget = context_budget(self.settings, self.lm) - (max_new_tokens or p.generation.max_new_tokens)
         room = budget - self._prefix_tokens[prefix] - self.lm.count_tokens(tail)
         while history and sum(self.lm.count_tokens(h) for h in history) > room:
             history.pop(0)

@@ -1,7 +1,7 @@
 """The Few-Shot Bot turn: messages in, a streamed reply out, with a trace that explains it.
 
-    messages -> dialogue pairs -> skill (forced, or the default) -> few-shot prompt within the token budget
-             -> streamed reply (LM) -> stored with its trace
+    messages -> dialogue pairs -> route (`app.router`) -> parser -> retriever -> few-shot prompt within the token
+             budget -> streamed reply (LM) -> stored with its trace -> memory extraction, after the reply
 
 `Bot` only orchestrates the value objects (`Skill`, `Prompt`, `LM`, `Store`); each step appends to the turn trace.
 """
@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .lm import LM, Sampling
-from .selector import turn_level
-from .skills import Skill, SkillRegistry
+from .router import Route, Router
+from .router import UnknownSkill as RouterUnknownSkill
+from .skills import Skill, SkillRegistry, context_budget
 from .storage import Store
 
 log = logging.getLogger(__name__)
@@ -46,22 +49,52 @@ class Reply:
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    message_id: int | None = None  # the stored reply's row, for a turn in a session
 
 
 class TurnStream:
-    """Iterate for the reply's text pieces; afterwards ``.reply`` holds the whole `Reply`."""
+    """Iterate for the reply's text pieces; afterwards ``.reply`` holds the whole `Reply`.
 
-    def __init__(self, pieces: Iterator[str], finish):
+    ``on_reply(fn)`` adds a step that runs with the `Reply` once the last piece is out (storing it, say), before the
+    iteration ends; work that must not hold the reply (memory extraction) is handed to ``after`` and runs once
+    every such step is done, off the caller's thread.
+    """
+
+    def __init__(self, pieces: Iterator[str], finish: Callable[[str], Reply],
+                 after: Callable[[Reply], None] | None = None):
         self._pieces = pieces
         self._finish = finish
+        self._steps: list[Callable[[Reply], None]] = []
+        self._after = after
         self.reply: Reply | None = None
+
+    def on_reply(self, step: Callable[[Reply], None]) -> "TurnStream":
+        self._steps.append(step)
+        return self
 
     def __iter__(self) -> Iterator[str]:
         parts: list[str] = []
-        for piece in self._pieces:
-            parts.append(piece)
-            yield piece
-        self.reply = self._finish("".join(parts))
+        spent = False
+        try:
+            for piece in self._pieces:
+                parts.append(piece)
+                yield piece
+            spent = True
+        finally:
+            if not spent:  # the consumer stopped early (a client went away): stop the model too
+                self.close()
+        reply = self._finish("".join(parts))
+        for step in self._steps:
+            step(reply)
+        self.reply = reply
+        if self._after is not None:
+            self._after(reply)
+
+    def close(self) -> None:
+        """Stop generating (the client went away): the model's stream is closed, nothing is stored."""
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
 
     def text(self) -> str:
         return "".join(self)
@@ -99,30 +132,54 @@ class Bot:
         lm: the `LM` backend.
         skills: the `SkillRegistry`.
         store: sessions and messages (``None``: `turn` works, `chat` does not).
-        selector: picks the skill when none is forced (``None``: the default skill answers).
+        selector: the history selector (``None``: the default skill answers unless a stage before it decides).
+        safety: the selector that scores the last message alone against safety and response skills.
+        router: the `Router` (built from ``selector`` and ``safety`` when not given).
         aligner: the alignment layer for aligned skills and safety refusals (``None``: those use their own prompts).
         knowledge: the retrievers (``None``: skills get no knowledge).
     """
 
     def __init__(self, settings, lm: LM, skills: SkillRegistry, store: Store | None = None, selector=None,
-                 aligner=None, knowledge=None, messages: dict | None = None, safety=None):
+                 aligner=None, knowledge=None, messages: dict | None = None, safety=None, router: Router | None = None):
         self.settings = settings
         self.lm = lm
         self.skills = skills
         self.store = store
-        self.selector = selector
+        self.router = router or Router(skills, selector=selector, first_stage=safety,
+                                       default_skill=settings.default_skill,
+                                       forced_safety=getattr(settings, "forced_safety", True))
         self.aligner = aligner
         self.knowledge = knowledge
         self.messages = messages or {}
-        self.safety = safety
+        # Memory extraction runs after a reply is out, one job at a time, in this thread.
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsb-memory")
+        self._pending: dict[str, Future] = {}  # user -> that user's latest memory job
+        self._pending_lock = threading.Lock()
+
+    @property
+    def selector(self):
+        """The history selector (the router's stage 5)."""
+        return self.router.selector
+
+    @selector.setter
+    def selector(self, value) -> None:
+        self.router.selector = value
+
+    @property
+    def safety(self):
+        """The last-message selector over safety and response skills (the router's stage 4)."""
+        return self.router.first_stage
+
+    @safety.setter
+    def safety(self, value) -> None:
+        self.router.first_stage = value
 
     # --------------------------------------------------------------------------------------------- choices
     def skill_for(self, name: str | None) -> Skill:
-        name = name or self.settings.default_skill
         try:
-            return self.skills.get(name)
-        except KeyError:
-            raise UnknownSkill(name, [s.name for s in self.skills.all()]) from None
+            return self.router.skill(name)
+        except RouterUnknownSkill:
+            raise UnknownSkill(name or self.settings.default_skill, [s.name for s in self.skills.all()]) from None
 
     def check_messages(self, messages: Sequence[dict]) -> None:
         if not messages:
@@ -135,67 +192,16 @@ class Bot:
                     f"message {i} has {len(m['content'])} characters; the limit is {self.settings.max_message_chars}",
                     f"messages[{i}].content", "message_too_long")
 
-    def _select(self, dialogue, forced: str | None, trace: dict) -> Skill:
-        started = time.perf_counter()
-        last = dialogue[-1][0] if dialogue else ""
-        triggered = None if forced else self._triggered(last)
-        if forced:
-            skill = self.skill_for(forced)
-            trace["selection"] = {"skill": skill.name, "method": "forced", "forced": True, "scores": {}}
-        elif triggered is not None:
-            skill, pattern = triggered
-            trace["selection"] = {"skill": skill.name, "method": "trigger", "trigger": pattern, "forced": False,
-                                  "scores": {}}
-        elif (first := self._safety_check(last, trace)) is not None:
-            skill = first
-            trace["selection"] = {"skill": skill.name, "method": "safety" if skill.kind == "safety" else "last-turn",
-                                  "forced": False, "scores": trace["safety"]["scores"]}
-        elif self.selector is not None:
-            selection = self.selector.select(dialogue)
-            skill = self.skill_for(selection.skill)
-            trace["selection"] = selection.trace()
-        else:
-            skill = self.skill_for(None)
-            trace["selection"] = {"skill": skill.name, "method": "default", "forced": False, "scores": {}}
-        _step(trace, "select", started, skill=skill.name)
-        return skill
-
-    def _triggered(self, message: str) -> tuple[Skill, str] | None:
-        """A skill whose ``triggers`` match the user's message (safety skills first), with the matching pattern."""
-        skills = self.skills.all(kind="safety") + self.skills.all(kind="response")
-        for skill in skills:
-            pattern = skill.triggered_by(message) if message else None
-            if pattern is not None:
-                return skill, pattern
-        return None
+    def route(self, dialogue, forced: str | None = None) -> Route:
+        """The router's decision for the open turn (see `app.router`)."""
+        try:
+            return self.router.route(dialogue, forced)
+        except RouterUnknownSkill as exc:
+            raise UnknownSkill(exc.name, [s.name for s in self.skills.all()]) from None
 
     def flagged(self, message: str) -> Skill | None:
-        """The safety skill that would decline ``message`` as a turn of its own (a trigger or the first stage)."""
-        triggered = self._triggered(message)
-        if triggered is not None:
-            return triggered[0] if triggered[0].kind == "safety" else None
-        winner = self._safety_check(message, {"steps": []})
-        return winner if winner is not None and winner.kind == "safety" else None
-
-    def _safety_check(self, message: str, trace: dict) -> Skill | None:
-        """Score the user's last message alone against the safety and response skills.
-
-        Some winners are taken from here, because the history must not outvote them (`app.selector.turn_level`): a
-        safety skill (the turn is declined), an aligned skill such as the general assistant (a one-off instruction or
-        question, answered by the alignment layer) and a knowledge skill (a question about something new). Any other
-        winner returns None and the history-based selector decides.
-        """
-        if self.safety is None or not message.strip():
-            return None
-        started = time.perf_counter()
-        selection = self.safety.select([[message, ""]])
-        winner = self.skills.get(selection.skill) if selection.skill in self.skills else None
-        flagged = winner is not None and winner.kind == "safety"
-        takes = winner is not None and turn_level(winner)
-        trace["safety"] = {"skill": selection.skill, "flagged": flagged,
-                           "scores": {k: round(v, 4) for k, v in selection.scores.items()}}
-        _step(trace, "safety", started, skill=selection.skill, flagged=flagged)
-        return winner if takes else None
+        """The safety skill that would decline ``message`` as a turn of its own (see `Router.flagged`)."""
+        return self.router.flagged(message)
 
     # ------------------------------------------------------------------------------------------------ turn
     def turn(
@@ -208,12 +214,24 @@ class Bot:
     ) -> TurnStream:
         """Start a turn over ``messages``; validation errors raise here, before any streaming begins.
 
-        safety / selection -> parser skill (query) -> retriever -> response skill or alignment layer -> stream
+        route -> parser skill (its output fills the field it targets) -> retriever -> response skill or alignment
+        layer -> stream; facts the user revealed go to long-term memory after the reply is out.
         """
         self.check_messages(messages)
         dialogue = to_dialogue(messages)
+        if skill is not None:
+            self.skill_for(skill)  # an unknown skill is the caller's error, before any work
         trace: dict = {"steps": []}
-        chosen = self._select(dialogue, skill, trace)
+        started = time.perf_counter()
+        route = self.route(dialogue, skill)
+        chosen = route.skill
+        trace["selection"] = route.trace()
+        if route.first_stage is not None:  # the last-message stage's own time, apart from the rest of routing
+            first = route.first_stage
+            trace["safety"] = first
+            trace["steps"].append({"step": "safety", "skill": first["skill"], "flagged": first["flagged"],
+                                   "s": first["latency_s"]})
+        _step(trace, "select", started, skill=chosen.name, method=route.method, overruled=route.overruled)
         trace["skill"] = chosen.name
         trace["forced"] = bool(skill)
         stats: dict = {}
@@ -224,7 +242,16 @@ class Bot:
                                                        refusal=chosen.description)
         else:
             fields: dict = {"dialogue": dialogue[-self.settings.history_turns:]}
-            query = self._query(chosen, dialogue, trace)
+            if user and chosen.retriever == "memory":
+                self.wait_for_memory(user)  # read your own writes: the last turn's facts are in before we search
+            parsed = self._parse(chosen, dialogue, trace)
+            query = dialogue[-1][0]
+            if parsed is not None:
+                target, text = parsed
+                if target == "query":
+                    query = text or query
+                elif text:
+                    fields[target] = text
             if chosen.retriever != "none" and self.knowledge is not None:
                 started = time.perf_counter()
                 got = self.knowledge.fetch(chosen.retriever, query, user, self._markers())
@@ -243,16 +270,17 @@ class Bot:
 
         def finish(text: str) -> Reply:
             tokens = stats.get("tokens", 0)
-            _step(trace, "generate", started, tokens=tokens, finish=stats.get("finish"))
-            reply = Reply(text=text, skill=chosen.name, prompt=prompt_text, passages=passages, trace=trace,
-                          finish_reason="length" if stats.get("finish") == "length" else "stop",
-                          prompt_tokens=trace.get("prompt_tokens", 0), completion_tokens=tokens)
-            if user and self.knowledge is not None and self.settings.memory and chosen.kind != "safety":
-                self._remember(user, dialogue, trace)
-            return reply
+            _step(trace, "generate", started, tokens=tokens, finish=stats.get("finish"),
+                  first_token_s=stats.get("ttft_s"))
+            return Reply(text=text, skill=chosen.name, prompt=prompt_text, passages=passages, trace=trace,
+                         finish_reason="length" if stats.get("finish") == "length" else "stop",
+                         prompt_tokens=trace.get("prompt_tokens", 0), completion_tokens=tokens)
 
+        remember = (user and self.knowledge is not None and self.settings.memory and chosen.kind != "safety"
+                    and self.settings.memory_skill in self.skills)
+        after = (lambda reply: self._remember_later(user, dialogue, reply)) if remember else None
         stream = _with_notice(notice, _drop_leading_space(pieces))
-        return TurnStream(stream, finish)
+        return TurnStream(stream, finish, after)
 
     def _markers(self) -> list[str]:
         """Every layout marker a retrieved page could imitate: speaker labels and header lines of all skill
@@ -266,25 +294,48 @@ class Bot:
             found.update(m.strip() for m in self.aligner.prompt.leak_markers if m.strip())
         return sorted(found, key=len, reverse=True)
 
-    def _query(self, skill: Skill, dialogue, trace: dict) -> str:
-        """The retriever's query: the parser skill's output, or the user's last turn."""
-        last = dialogue[-1][0]
+    def _parse(self, skill: Skill, dialogue, trace: dict) -> tuple[str, str] | None:
+        """Run the skill's parser (``query_skill``): its output and the field it fills (the parser's ``target``)."""
         if not skill.query_skill or skill.query_skill not in self.skills:
-            return last
+            return None
         parser = self.skills.get(skill.query_skill)
         started = time.perf_counter()
-        text = self._run_parser(parser, dialogue)
-        _step(trace, "parse", started, skill=parser.name, output=text)
-        return text.strip() or last
+        text = self._run_parser(parser, dialogue).strip()
+        _step(trace, "parse", started, skill=parser.name, target=parser.target, output=text)
+        return parser.target, text
 
     def _run_parser(self, parser: Skill, dialogue) -> str:
         turns = [list(t) for t in dialogue[-self.settings.history_turns:]]
-        prompt = parser.prompt({"dialogue": turns}, budget_tokens=self._budget(),
-                               count_tokens=self.lm.count_tokens)
         g = parser.generation
+        prompt = parser.prompt({"dialogue": turns}, budget_tokens=self._budget(), count_tokens=self.lm.count_tokens)
         return "".join(self.lm.generate(prompt.text, stop=parser.stop, max_new_tokens=g.max_new_tokens,
                                         sampling=Sampling(g.temperature, g.top_p, g.top_k, g.repetition_penalty),
                                         prefix=prompt.prefix))
+
+    # --------------------------------------------------------------------------------------------- memory
+    def _remember_later(self, user: str, dialogue, reply: Reply) -> None:
+        """Queue fact extraction for after the reply; its step joins the turn's trace (and the stored one)."""
+        def job():
+            self._remember(user, dialogue, reply.trace)
+            if reply.message_id is not None and self.store is not None:
+                self.store.set_trace(reply.message_id, reply.trace)
+
+        with self._pending_lock:
+            self._pending[user] = self._background.submit(_logged(job))
+
+    def wait_for_memory(self, user: str | None = None, timeout: float = 30.0) -> None:
+        """Wait until queued memory extraction (for ``user``, or everyone) is done."""
+        with self._pending_lock:
+            jobs = list(self._pending.values()) if user is None else [self._pending.get(user)]
+        for job in jobs:
+            if job is not None:
+                try:
+                    job.result(timeout=timeout)
+                except Exception:  # noqa: BLE001 - logged by the job itself; a read goes on without it
+                    pass
+
+    def close(self) -> None:
+        self._background.shutdown(wait=True)
 
     def _remember(self, user: str, dialogue, trace: dict) -> None:
         """The persona-extraction parser reads the user's turn; the facts it finds go to long-term memory."""
@@ -313,19 +364,21 @@ class Bot:
             log.warning("memory update failed: %s", exc)
             _step(trace, "remember", started, error=str(exc))
 
+    # ------------------------------------------------------------------------------------------- prompting
     def _budget(self) -> int:
-        return min(self.settings.context_tokens, self.lm.context_length)
+        return context_budget(self.settings, self.lm)
 
     def _respond(self, skill: Skill, fields: dict, sampling, max_tokens, stats, trace):
         started = time.perf_counter()
-        prompt, kept = self._prompt(skill, fields)
+        limit = max_tokens or skill.generation.max_new_tokens
+        prompt, kept = self._prompt(skill, fields, limit)
         trace["prompt_tokens"] = self.lm.count_tokens(prompt.text)
+        shown = {k: v for k, v in fields.items() if k != "dialogue" and isinstance(v, str)}
         _step(trace, "prompt", started, examples=prompt.examples, dropped_examples=prompt.dropped,
-              history_turns=kept, tokens=trace["prompt_tokens"])
+              history_turns=kept, tokens=trace["prompt_tokens"], fields=shown or None)
         gen = skill.generation
         decoding = Sampling(gen.temperature, gen.top_p, gen.top_k, gen.repetition_penalty).with_overrides(
             **(sampling or {}))
-        limit = max_tokens or gen.max_new_tokens
         pieces = self.lm.generate(prompt.text, stop=skill.stop, max_new_tokens=limit, sampling=decoding,
                                   prefix=prompt.prefix, stats=stats)
         return pieces, prompt.text, limit
@@ -334,6 +387,8 @@ class Bot:
         """The alignment layer answers (or, for a safety skill, declines in the assistant's own style)."""
         started = time.perf_counter()
         convo = [(m["role"], m["content"]) for m in messages if m["role"] in ("user", "assistant")]
+        while convo and convo[0][0] != "user":  # an opening assistant greeting has no query to pair with
+            convo.pop(0)
         overrides = {k: v for k, v in (sampling or {}).items() if v is not None}
         if max_tokens:
             overrides["max_new_tokens"] = max_tokens
@@ -344,19 +399,24 @@ class Bot:
         _step(trace, "align", started, refusal=refusal is not None, tokens=trace["prompt_tokens"])
 
         def pieces():
-            yield from streamed
+            try:
+                yield from streamed
+            finally:
+                close = getattr(streamed, "close", None)
+                if close is not None:
+                    close()
             stats.update(tokens=self.lm.count_tokens(reply.text), finish=reply.finish or "stop")
 
         return pieces(), reply.prompt.text, reply.max_new_tokens
 
-    def _prompt(self, skill: Skill, fields: dict):
+    def _prompt(self, skill: Skill, fields: dict, max_new_tokens: int):
         """The skill's prompt with the most recent history that fits the context budget."""
         budget = self._budget()
         turns = fields["dialogue"]
         while True:
             prompt = skill.prompt({**fields, "dialogue": turns}, budget_tokens=budget,
-                                  count_tokens=self.lm.count_tokens)
-            if len(turns) == 1 or self.lm.count_tokens(prompt.text) + skill.generation.max_new_tokens <= budget:
+                                  count_tokens=self.lm.count_tokens, max_new_tokens=max_new_tokens)
+            if len(turns) == 1 or self.lm.count_tokens(prompt.text) + max_new_tokens <= budget:
                 return prompt, len(turns)
             turns = turns[1:]
 
@@ -372,15 +432,21 @@ class Bot:
         stream = self.turn(messages, skill=skill or session["skill"] or None,
                            user=session["user"] if user is None else user, **kw)
         self.store.add_message(session_id, "user", message)
-        inner = stream._finish
 
-        def finish(text: str) -> Reply:
-            reply = inner(text)
-            self.store.add_message(session_id, "assistant", text, reply.skill, reply.trace)
-            return reply
+        def store(reply: Reply) -> None:
+            reply.message_id = self.store.add_message(session_id, "assistant", reply.text, reply.skill, reply.trace)
 
-        stream._finish = finish
-        return stream
+        return stream.on_reply(store)
+
+
+def _logged(job: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            job()
+        except Exception:  # noqa: BLE001 - background work: logged, never a failed reply
+            log.exception("work after the reply failed")
+
+    return run
 
 
 def _step(trace: dict, name: str, started: float, **info) -> None:

@@ -66,7 +66,7 @@ def build_app(settings: Settings, lm=None, bot=None):
     """The FastAPI app: API routes first, then the Gradio chat mounted at ``/``."""
     import gradio as gr
 
-    from .api import create_app, parse_keys
+    from .http import create_app
     from .ui import build_ui
 
     bot = bot or build_bot(settings, lm)
@@ -78,11 +78,12 @@ def build_app(settings: Settings, lm=None, bot=None):
             bot.safety.warm()
         print(f"[fsb] selector ready in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     app = create_app(bot, settings)
-    keys = parse_keys(settings.api_key)
+    svc = app.state.fsb
+    keys = svc.keys
     # With API keys on, the web chat asks for a login: user name and that user's key (Gradio then guards its own
     # routes, the queue and file routes included).
     auth = (lambda username, password: keys.get(password) == username) if keys else None
-    return gr.mount_gradio_app(app, build_ui(bot), path="/", auth=auth,
+    return gr.mount_gradio_app(app, build_ui(bot, svc), path="/", auth=auth,
                                auth_message="Sign in with your user name and API key." if keys else None)
 
 

@@ -63,6 +63,7 @@ class Settings:
     prompts_dir: Path = field(default_factory=_default_prompts_dir)
     default_skill: str = "persona"
     selector: str = "best"  # prompt | embedding | hybrid | best | off
+    forced_safety: bool = True  # the safety stage judges forced skills too (off: callers' forced skills are trusted)
     safety: bool = True  # safety skills check the user's last message before the selector (needs the selector)
     fallback_skill: str = ""  # answers when no selector score is confident ("" = keep the winner)
     align_variant: str = "short"  # prompts/align-<variant>.yaml
@@ -76,10 +77,12 @@ class Settings:
     max_tokens: int = 1024  # cap on any request's max_tokens
     max_active: int = 4  # turns generating at once (they interleave token by token)
     max_waiting: int = 16  # turns queued behind them; beyond that: 429 with Retry-After
+    queue_timeout: int = 30  # seconds a queued turn waits for a slot; beyond that: 503 with Retry-After
     rate_limit: int = 0  # requests a minute per client (API key user, else address) on the generating routes; 0 = off
     context_tokens: int = 2048  # prompt budget: examples + knowledge + history + reply
     history_turns: int = 8
     prefix_cache_entries: int = 32
+    batching: bool = True  # concurrent turns share the model's forward passes (continuous batching)
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     api_key: str = ""
     log_level: str = "info"

@@ -141,13 +141,15 @@ class Skill(BaseModel):
         budget_tokens: int | None = None,
         count_tokens: Callable[[str], int] | None = None,
         max_examples: int | None = None,
+        max_new_tokens: int | None = None,
     ) -> "Prompt":
-        """The few-shot prompt for ``fields``: as many examples as fit the token budget, then the open query."""
+        """The few-shot prompt for ``fields``: as many examples as fit the token budget (less ``max_new_tokens`` for
+        the reply, the skill's own setting by default), then the open query."""
         query = self.render_query(fields)
         shots = [self.render_example(e) for e in self.examples[: max_examples or len(self.examples)]]
         dropped = 0
         if budget_tokens is not None and count_tokens is not None:
-            room = budget_tokens - self.generation.max_new_tokens - count_tokens(query)
+            room = budget_tokens - (max_new_tokens or self.generation.max_new_tokens) - count_tokens(query)
             kept, used = [], 0
             for shot in shots:
                 cost = count_tokens(shot + self.separator)
@@ -162,6 +164,12 @@ class Skill(BaseModel):
             shots = kept
         prefix = "".join(s + self.separator for s in shots)
         return Prompt(text=prefix + query, prefix=prefix, examples=len(shots), dropped=dropped)
+
+
+def context_budget(settings, lm) -> int:
+    """The one context budget every prompt is built within (examples + knowledge + history + reply):
+    ``FSB_CONTEXT_TOKENS``, capped by the model's own context length."""
+    return min(settings.context_tokens, lm.context_length)
 
 
 @dataclass(frozen=True)

@@ -83,3 +83,8 @@ class Store:
     def set_session_skill(self, session_id: str, skill: str) -> None:
         with self._lock, self.db.conn:
             self.db["sessions"].update(session_id, {"skill": skill})
+
+    def set_trace(self, message_id: int, trace: dict) -> None:
+        """Replace a stored reply's trace (work after the reply, such as memory extraction, adds its step)."""
+        with self._lock, self.db.conn:
+            self.db["messages"].update(message_id, {"trace": json.dumps(trace or {})})

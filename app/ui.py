@@ -1,14 +1,19 @@
 """The web chat (Gradio), mounted at ``/`` on the API's app: streaming replies, a skill override, resumable sessions.
 
-Every failure is shown in the chat as a message; the page never goes blank.
+The web chat is a client like any other: its turns take the same admission slots and rate limit as the API's, and
+with API keys on it asks for a login. A failure is shown as a short message with an id; the full text goes to the
+log only. The page never goes blank.
 """
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 
 import gradio as gr
 
-from .bot import Bot
+from .bot import BadRequest, Bot
+from .http.errors import Busy, QueueTimeout, RateLimited
 
 log = logging.getLogger(__name__)
 AUTO = "auto"
@@ -36,7 +41,23 @@ def transcript(messages: list[dict]) -> list[dict]:
     return out
 
 
-def build_ui(bot: Bot) -> gr.Blocks:
+def friendly(exc: Exception) -> str:
+    """What the chat shows for a failed turn: a short message, with an id that finds the full text in the log."""
+    if isinstance(exc, Busy):
+        return "⚠️ I'm busy with other chats right now; please try again in a few seconds."
+    if isinstance(exc, QueueTimeout):
+        return "⚠️ Too many chats are waiting; please try again in a moment."
+    if isinstance(exc, RateLimited):
+        return f"⚠️ You're sending messages faster than allowed; try again in {max(1, int(exc.retry_after + 1))} s."
+    if isinstance(exc, BadRequest):
+        return f"⚠️ {exc}"
+    error_id = uuid.uuid4().hex[:8]
+    log.error("web chat turn failed (error id %s)", error_id, exc_info=exc)
+    return f"⚠️ Sorry, something went wrong (error id {error_id})."
+
+
+def build_ui(bot: Bot, service=None) -> gr.Blocks:
+    """The chat page. ``service`` (`app.http.service.Service`) gives it the API's admission and rate limit."""
     store = bot.store
 
     def skill_choices() -> list[str]:
@@ -85,24 +106,46 @@ def build_ui(bot: Bot) -> gr.Blocks:
             return
         history = list(history or []) + [{"role": "user", "content": message}]
         yield history, session_id, "", gr.update()
+        ticket = stream = None
+        started = time.monotonic()
         try:
+            bot.check_messages([{"role": "user", "content": message}])
+            if service is not None:
+                service.charge(user if service.auth_on else (getattr(request, "client", None) and
+                                                             request.client.host) or LOCAL_USER)
+                ticket = service.admit()
             if not session_id:
                 session_id = store.create_session(user=user, title=message[:60])
             stream = bot.chat(session_id, message, skill=None if skill == AUTO else skill, user=user)
             history.append({"role": "assistant", "content": ""})
+            first = True
             for piece in stream:
+                if first and service is not None:
+                    service.metrics.ttft.labels(route="web").observe(time.monotonic() - started)
+                    first = False
                 history[-1]["content"] += piece
                 yield history, session_id, "", gr.update()
             reply = stream.reply
+            if service is not None:
+                service.metrics.turn.labels(route="web").observe(time.monotonic() - started)
+                service.metrics.tokens.labels(route="web").inc(reply.completion_tokens)
             history.append(sources_note(reply.skill, reply.passages))
             info = f"skill: **{reply.skill}**"
             yield history, session_id, info, gr.update(choices=session_choices(user), value=session_id)
+        except GeneratorExit:  # the page went away mid-reply: stop generating
+            if service is not None:
+                service.metrics.disconnects.labels(route="web").inc()
+            raise
         except Exception as exc:  # noqa: BLE001 - shown to the user as a message, never a blank page
-            log.exception("web chat turn failed")
             if history and history[-1]["role"] == "assistant" and not history[-1]["content"]:
                 history.pop()
-            history.append({"role": "assistant", "content": f"⚠️ Sorry, something went wrong: {exc}"})
+            history.append({"role": "assistant", "content": friendly(exc)})
             yield history, session_id, "error", gr.update()
+        finally:
+            if stream is not None and stream.reply is None:
+                stream.close()
+            if ticket is not None:
+                ticket.release()
 
     with gr.Blocks(title="Few-Shot Bot") as demo:
         session_state = gr.State(None)

@@ -18,8 +18,12 @@ def client(server) -> openai.OpenAI:
 
 
 def test_health_and_models(live_server):
-    health = httpx.get(live_server.url + "/healthz").json()
-    assert health == {"status": "ok", "model": "tiny", "skills": len(live_server.bot.skills.all())}
+    answer = httpx.get(live_server.url + "/healthz")
+    health = answer.json()
+    assert answer.status_code == 200
+    assert {k: health[k] for k in ("status", "model", "skills", "can_start", "active", "waiting", "capacity")} == {
+        "status": "ok", "model": "tiny", "skills": len(live_server.bot.skills.all()), "can_start": True,
+        "active": 0, "waiting": 0, "capacity": live_server.bot.settings.max_active}
     ids = [m.id for m in client(live_server).models.list().data]
     assert ids[0] == "fsb" and "fsb:persona" in ids
 

@@ -7,7 +7,7 @@ import httpx as _httpx
 import openai
 import pytest
 
-from app.api import RateLimit
+from app.http.admission import RateLimit
 from app.lm import complete
 from tests.conftest import LiveServer
 

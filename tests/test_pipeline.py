@@ -28,11 +28,13 @@ def test_kb_skill_grounds_its_prompt_in_retrieved_passages_with_sources(settings
     stream.text()
     reply = stream.reply
     assert steps(reply) == ["select", "retrieve", "prompt", "generate"]
-    assert reply.passages and reply.passages[0]["source"].startswith(f"kb:{doc.resolve()}")
+    assert reply.passages and reply.passages[0]["source"].startswith("kb:plants.md")
     knowledge = reply.prompt.rsplit("Knowledge:\n", 1)[1].split("Dialogue:\n")[0]
     assert "Plants make food from sunlight, water and carbon dioxide in their leaves." in knowledge
     assert reply.prompt.endswith("User: how do plants make food from sunlight?\nAssistant:")
-    assert reply.trace["selection"] == {"skill": "wow", "method": "forced", "forced": True, "scores": {}}
+    selection = reply.trace["selection"]
+    assert {k: selection[k] for k in ("skill", "method", "forced", "scores")} == {
+        "skill": "wow", "method": "forced", "forced": True, "scores": {}}
 
 
 def test_web_skill_searches_with_the_parser_query_and_marks_results_untrusted(settings, tiny_lm, engines):

@@ -56,8 +56,12 @@ def test_facts_the_user_reveals_are_remembered_and_come_back_in_the_memory_skill
     stream = bot.chat(sid, "I just got home from my night shift and walked my two dogs", skill="persona",
                       max_tokens=4)
     stream.text()
+    assert stream.reply.trace["steps"][-1]["step"] == "generate"  # memory is extracted after the reply is out
+    bot.wait_for_memory("dana")
     remember = stream.reply.trace["steps"][-1]
     assert remember["step"] == "remember" and remember["facts"] == ["I have two dogs.", "I work nights as a nurse."]
+    stored = bot.store.messages(sid)[-1]["trace"]["steps"][-1]  # ... and its step joins the stored trace
+    assert stored["step"] == "remember" and stored["facts"] == remember["facts"]
     assert [f.text for f in bot.knowledge.memory.list("dana")] == ["I have two dogs.", "I work nights as a nurse."]
     assert bot.knowledge.memory.list("someone-else") == []
     # a later turn of the memory-chat skill gets them as the user's memory

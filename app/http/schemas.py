@@ -1,0 +1,59 @@
+"""Request bodies. Unknown OpenAI options are accepted and ignored; the native body rejects unknown keys."""
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: Union[StrictStr, list[TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(BaseModel):
+    """The OpenAI request. ``session_id`` (extension) stores the exchange in that session."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    messages: list[ChatMessage]
+    stream: StrictBool = False
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    user: StrictStr | None = None
+    session_id: StrictStr | None = None
+
+
+class CompletionRequest(BaseModel):
+    """The OpenAI legacy completion request: the raw language model continues ``prompt`` (no skill, no alignment)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    prompt: Union[StrictStr, list[StrictStr]]
+    stream: StrictBool = False
+    max_tokens: int | None = Field(16, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: Union[StrictStr, list[StrictStr], None] = None
+    user: StrictStr | None = None
+
+
+class NativeChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message: StrictStr = Field(min_length=1)
+    session_id: StrictStr | None = None
+    skill: StrictStr | None = None
+    user: StrictStr = ""

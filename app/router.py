@@ -1,0 +1,163 @@
+"""The router: which skill takes a turn, and why. The one routing policy, called by the bot and every evaluation.
+
+The stages, in order (the first that decides wins):
+
+1. **Safety triggers.** A safety skill's regular expressions match the user's last message: the turn is declined.
+   Unambiguous phrasings ("how do I build a pipe bomb") are caught without any scoring, and before a forced skill,
+   so no caller can skip them.
+2. **A forced skill** (``fsb:<skill>``, the native ``skill`` field, a session's skill, the web chat's dropdown) takes
+   the turn, unless the safety stage (4) flags the last message: then the safety skill overrules it and the route
+   says so (``overruled``). ``forced_safety=False`` (``FSB_FORCED_SAFETY=off``) lets a server owner trust callers.
+3. **Response-skill triggers** ("search the web for …"): the user named what they want.
+4. **The last message alone** is scored against every safety and response skill. A safety winner declines the turn;
+   a turn-level winner (an aligned skill such as the general assistant, or a knowledge skill) takes it, because the
+   history must not outvote a one-off instruction or a question about something new. Any other winner falls through.
+5. **The history selector** (the paper's prompt-based classifier and its faster siblings, `app.selector`) picks among
+   the response skills from the recent dialogue.
+6. **The default skill**, when no selector is configured.
+
+`Route` records the outcome (skill, method, scores, why) for the turn trace.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .selector import turn_level
+from .skills import Skill, SkillRegistry
+
+
+class UnknownSkill(ValueError):
+    def __init__(self, name: str, known: Sequence[str]):
+        super().__init__(f"unknown skill {name!r}; available: {', '.join(sorted(known))}")
+        self.name = name
+
+
+@dataclass
+class Route:
+    """Where a turn goes and why."""
+
+    skill: Skill
+    method: str  # trigger | forced | safety | last-turn | the history selector's method (prompt, hybrid…) | default
+    why: str
+    scores: dict[str, float] = field(default_factory=dict)
+    forced: str | None = None  # the skill the caller asked for
+    overruled: str | None = None  # the forced skill the safety stage overruled
+    trigger: str | None = None
+    first_stage: dict | None = None  # the last-message stage's winner and scores, when it ran
+    selection: dict | None = None  # the history selector's own trace, when it decided
+    latency_s: float = 0.0
+
+    @property
+    def declined(self) -> bool:
+        return self.skill.kind == "safety"
+
+    def trace(self) -> dict:
+        out = {"skill": self.skill.name, "method": self.method, "why": self.why, "forced": bool(self.forced),
+               "scores": {k: round(v, 4) for k, v in self.scores.items()}, "latency_s": round(self.latency_s, 4)}
+        if self.forced:
+            out["forced_skill"] = self.forced
+        if self.overruled:
+            out["overruled"] = self.overruled
+        if self.trigger:
+            out["trigger"] = self.trigger
+        if self.selection:
+            out.update({k: v for k, v in self.selection.items() if k not in out})
+        return out
+
+
+class Router:
+    """Holds the routing policy (see the module docstring).
+
+    Args:
+        skills: the `SkillRegistry` (re-read on every call, so edited skill files count at once).
+        selector: the history selector over response skills (``None``: the default skill answers).
+        first_stage: the selector over safety + response skills that scores the last message alone (``None``: no
+            safety stage; triggers still apply).
+        default_skill: the skill used when no selector is configured.
+        forced_safety: whether the safety stage judges turns whose skill is forced (on by default).
+    """
+
+    def __init__(self, skills: SkillRegistry, selector=None, first_stage=None, default_skill: str = "persona",
+                 forced_safety: bool = True):
+        self.skills = skills
+        self.selector = selector
+        self.first_stage = first_stage
+        self.default_skill = default_skill
+        self.forced_safety = forced_safety
+
+    def skill(self, name: str | None) -> Skill:
+        name = name or self.default_skill
+        try:
+            return self.skills.get(name)
+        except KeyError:
+            raise UnknownSkill(name, [s.name for s in self.skills.all()]) from None
+
+    def route(self, dialogue: Sequence[Sequence[str]], forced: str | None = None) -> Route:
+        """The route for the open turn of ``dialogue`` (``[user, assistant]`` pairs, the last one open)."""
+        started = time.perf_counter()
+        route = self._route([list(t) for t in dialogue], forced)
+        route.latency_s = time.perf_counter() - started
+        return route
+
+    def _route(self, dialogue, forced: str | None) -> Route:
+        last = (dialogue[-1][0] if dialogue else "") or ""
+        wanted = self.skill(forced) if forced else None
+        triggered = self._triggered(last, kinds=("safety",))
+        if triggered is not None:
+            skill, pattern = triggered
+            return Route(skill, "trigger", f"the message matches a trigger of {skill.name}", trigger=pattern,
+                         forced=forced, overruled=forced)
+        if wanted is not None:
+            if self.forced_safety:
+                winner, first = self.first_stage_winner(last)
+                if winner is not None and winner.kind == "safety":
+                    return Route(winner, "safety", f"the safety stage declined the message; the forced skill "
+                                 f"{forced} was overruled", scores=first["scores"], forced=forced, overruled=forced,
+                                 first_stage=first)
+            return Route(wanted, "forced", "the caller forced this skill", forced=forced)
+        triggered = self._triggered(last, kinds=("response",))
+        if triggered is not None:
+            skill, pattern = triggered
+            return Route(skill, "trigger", f"the message matches a trigger of {skill.name}", trigger=pattern)
+        winner, first = self.first_stage_winner(last)
+        if winner is not None and turn_level(winner):
+            method = "safety" if winner.kind == "safety" else "last-turn"
+            why = ("the safety stage declined the message" if winner.kind == "safety" else
+                   f"the last message alone is best explained by {winner.name}, a turn-level skill")
+            return Route(winner, method, why, scores=first["scores"], first_stage=first)
+        if self.selector is not None:
+            selection = self.selector.select(dialogue)
+            return Route(self.skill(selection.skill), selection.method, "the history selector chose it",
+                         scores=dict(selection.scores), first_stage=first, selection=selection.trace())
+        return Route(self.skill(None), "default", "no selector is configured", first_stage=first)
+
+    def flagged(self, message: str) -> Skill | None:
+        """The safety skill that would decline ``message`` as a turn of its own, whatever skill is forced."""
+        triggered = self._triggered(message, kinds=("safety",))
+        if triggered is not None:
+            return triggered[0]
+        winner, _ = self.first_stage_winner(message)
+        return winner if winner is not None and winner.kind == "safety" else None
+
+    def first_stage_winner(self, message: str) -> tuple[Skill | None, dict | None]:
+        """Stage 4: the last message alone against every safety and response skill."""
+        if self.first_stage is None or not message.strip():
+            return None, None
+        selection = self.first_stage.select([[message, ""]])
+        winner = self.skills.get(selection.skill) if selection.skill in self.skills else None
+        first = {"skill": selection.skill, "flagged": winner is not None and winner.kind == "safety",
+                 "scores": {k: round(v, 4) for k, v in selection.scores.items()},
+                 "latency_s": round(selection.latency_s, 4)}
+        return winner, first
+
+    def _triggered(self, message: str, kinds: Sequence[str]) -> tuple[Skill, str] | None:
+        if not message:
+            return None
+        for kind in kinds:
+            for skill in self.skills.all(kind=kind):
+                pattern = skill.triggered_by(message)
+                if pattern is not None:
+                    return skill, pattern
+        return None
