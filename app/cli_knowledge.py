@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 import click
 
-from app.db import open_db
+from retrievers.db import open_db
 from app.settings import Settings
 
 

@@ -18,7 +18,7 @@ def build_bot(settings: Settings, lm=None, embedder=None, web=None):
 
     from .align import Aligner
     from .bot import Bot
-    from .db import open_db
+    from retrievers.db import open_db
     from .knowledge import Knowledge
     from .lm import load_lm
     from .selector import Selector, SelectorLayout, registry_source

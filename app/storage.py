@@ -3,18 +3,19 @@
 Tables (created by the numbered migrations below):
     sessions(id TEXT pk, user, title, skill, created, updated)   skill: a forced skill for the session, or ''
     messages(id INTEGER pk, session_id -> sessions.id, role, content, skill, trace JSON, created)
-A reply is stored with the trace that explains it. WAL mode (set by `open_db`) keeps readers unblocked and survives
-a killed process; writes are serialised by a lock because the server's threads share one connection.
+A reply is stored with the trace that explains it. Every write is one `retrievers.db.write` transaction, the same
+discipline as the retrievers' tables (one lock per database file in this process, `BEGIN IMMEDIATE` across
+processes); reads take no lock (each thread reads a committed WAL snapshot on its own connection), and WAL survives a
+killed process.
 """
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 
 import sqlite_utils
 
-from .db import Migrations, now
+from retrievers.db import Migrations, now, write
 
 migrations = Migrations("core")
 
@@ -43,12 +44,11 @@ class Store:
     def __init__(self, db: sqlite_utils.Database):
         migrations.apply(db)
         self.db = db
-        self._lock = threading.Lock()
 
     def create_session(self, user: str = "", title: str = "", skill: str = "", session_id: str | None = None) -> str:
         sid = session_id or uuid.uuid4().hex
         stamp = now()
-        with self._lock, self.db.conn:
+        with write(self.db):
             self.db["sessions"].insert(
                 {"id": sid, "user": user, "title": title, "skill": skill, "created": stamp, "updated": stamp},
                 ignore=True,
@@ -67,7 +67,7 @@ class Store:
 
     def add_message(self, session_id: str, role: str, content: str, skill: str = "", trace: dict | None = None) -> int:
         stamp = now()
-        with self._lock, self.db.conn:
+        with write(self.db):
             row = self.db["messages"].insert(
                 {"session_id": session_id, "role": role, "content": content, "skill": skill,
                  "trace": json.dumps(trace or {}), "created": stamp}
@@ -81,10 +81,10 @@ class Store:
         return [{**r, "trace": json.loads(r["trace"] or "{}")} for r in rows]
 
     def set_session_skill(self, session_id: str, skill: str) -> None:
-        with self._lock, self.db.conn:
+        with write(self.db):
             self.db["sessions"].update(session_id, {"skill": skill})
 
     def set_trace(self, message_id: int, trace: dict) -> None:
         """Replace a stored reply's trace (work after the reply, such as memory extraction, adds its step)."""
-        with self._lock, self.db.conn:
+        with write(self.db):
             self.db["messages"].update(message_id, {"trace": json.dumps(trace or {})})

@@ -1,10 +1,12 @@
 """The knowledge base: the user's own documents, split into passages and searched by BM25 + embeddings.
 
 Storage (see :mod:`retrievers.schema`): ``kb_docs`` (one row per file), ``kb_chunks`` (passages with float32
-embeddings) and the FTS5 index ``kb_chunks_fts``. An ingest streams the file, writing its passages in small
-transactions under a ``pending`` document row that search ignores; only when every passage is written does one short
-transaction delete the previous version and mark the new one ``ready``. A failure deletes the pending rows, so the
-knowledge base is left as it was, and the server can keep writing to the database while a long file is ingested.
+embeddings) and the FTS5 index ``kb_chunks_fts``. An ingest streams the file, embedding a batch of passages and then
+writing it in one short transaction (:func:`retrievers.db.write`) under a ``pending`` document row that search
+ignores; only when every passage is written does one short transaction delete the previous version and mark the new
+one ``ready``. A failure, or a process killed mid-ingest, leaves only pending rows (deleted by the next ingest of that
+file), so the knowledge base is as it was; and the write lock is never held while embedding, so the server keeps
+answering and writing while a long file is ingested.
 
 Search fuses two rankings with reciprocal-rank fusion (score = sum of ``1 / (60 + rank)``): FTS5's BM25 over the
 query's words (each quoted, so user text is never parsed as FTS syntax) and the cosine similarity of embeddings.
@@ -23,9 +25,8 @@ from typing import Callable, Iterable, Literal
 import numpy as np
 import sqlite_utils
 
-from app.db import now
-
 from .base import LangChainRetrievable, Passage, RetrieverError
+from .db import now, write
 from .embed import Embedder, from_blobs, to_blob
 from .schema import ensure_schema
 from .text import SUPPORTED_SUFFIXES, chunk_blocks, kind_for, read_blocks, sniff_text
@@ -160,7 +161,7 @@ class KnowledgeBase(LangChainRetrievable):
         sniff_text(resolved)
 
         # Leftovers of an interrupted ingest of this same path are never visible; clear them now.
-        with self.db.conn:
+        with write(self.db):
             for row in self.db.execute(
                 "SELECT id FROM kb_docs WHERE path = ? AND state = 'pending'", [str(resolved)]
             ).fetchall():
@@ -175,14 +176,14 @@ class KnowledgeBase(LangChainRetrievable):
             n, title = self._write_chunks(doc_id, resolved, progress)
             if n == 0:
                 raise RetrieverError(f"{resolved} has no text to add.")
-            with self.db.conn:
+            with write(self.db):
                 if old:
                     self._delete_doc(old["id"])
                 self.db.execute(
                     "UPDATE kb_docs SET state = 'ready', chunks = ?, title = ? WHERE id = ?", [n, title, doc_id]
                 )
         except BaseException:
-            with self.db.conn:
+            with write(self.db):
                 self._delete_doc(doc_id)
             raise
         return AddResult(str(resolved), "updated" if old else "added", n)
@@ -226,6 +227,7 @@ class KnowledgeBase(LangChainRetrievable):
         return n, title
 
     def _insert_batch(self, doc_id: int, path: Path, batch, start: int) -> int:
+        # Embed first, then take the write lock only for the insert: a chat's writes wait milliseconds, not the ingest.
         vecs = self.embedder.encode([f"{c.title}\n{c.text}" if c.title else c.text for c in batch])
         rows = []
         for i, (chunk, vec) in enumerate(zip(batch, vecs), start=start):
@@ -237,7 +239,7 @@ class KnowledgeBase(LangChainRetrievable):
             rows.append(
                 (doc_id, i, chunk.title, chunk.text, chunk.url or f"kb:{path}#{i}", json.dumps(meta), to_blob(vec))
             )
-        with self.db.conn:
+        with write(self.db):
             self.db.conn.executemany(
                 "INSERT INTO kb_chunks (doc_id, n, title, text, source, meta, embedding) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 rows,
@@ -272,7 +274,7 @@ class KnowledgeBase(LangChainRetrievable):
         for candidate in candidates:
             doc = self._ready_doc(candidate)
             if doc:
-                with self.db.conn:
+                with write(self.db):
                     self._delete_doc(doc["id"])
                 return True
         return False

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 import sqlite_utils
 
 from .base import LangChainRetrievable, Passage, RetrieverError
+from .db import write
 from .schema import ensure_schema
 
 Triple = tuple[str, str, str]
@@ -139,7 +140,7 @@ class KnowledgeGraph(LangChainRetrievable):
             if not (s and r and o):
                 raise RetrieverError(f"A triple needs a subject, a relation and an object: {(subject, relation, obj)!r}")
             rows.append((s, r, o, entity_key(s), entity_key(o), source))
-        with self.db.conn:
+        with write(self.db):
             before = self.db.conn.total_changes
             self.db.conn.executemany(
                 "INSERT OR IGNORE INTO kg_triples (subject, relation, object, subject_key, object_key, source) "

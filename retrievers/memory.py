@@ -14,9 +14,8 @@ from typing import Iterable
 import numpy as np
 import sqlite_utils
 
-from app.db import now
-
 from .base import LangChainRetrievable, Passage, RetrieverError
+from .db import now, write
 from .embed import Embedder, from_blobs, to_blob
 from .schema import ensure_schema
 
@@ -79,23 +78,23 @@ class LongTermMemory:
                 cleaned.append(text)
         if not cleaned:
             return []
-        existing = self._rows(user)
-        keys = {r["key"] for r in existing}
-        old_vecs = from_blobs([r["embedding"] for r in existing], self.embedder.dim)
-        vecs = self.embedder.encode(cleaned)
-        kept: list[tuple[str, np.ndarray]] = []
-        for text, vec in zip(cleaned, vecs):
-            key = fact_key(text)
-            if key in keys:
-                continue
-            if len(old_vecs) and float(np.max(old_vecs @ vec)) >= self.dedup_threshold:
-                continue
-            if any(float(v @ vec) >= self.dedup_threshold for _, v in kept):
-                continue
-            keys.add(key)
-            kept.append((text, vec))
+        vecs = self.embedder.encode(cleaned)  # the slow part, before taking the write lock
         out = []
-        with self.db.conn:
+        with write(self.db):  # compared with the user's facts inside the write, so two adds cannot both store one
+            existing = self._rows(user)
+            keys = {r["key"] for r in existing}
+            old_vecs = from_blobs([r["embedding"] for r in existing], self.embedder.dim)
+            kept: list[tuple[str, np.ndarray]] = []
+            for text, vec in zip(cleaned, vecs):
+                key = fact_key(text)
+                if key in keys:
+                    continue
+                if len(old_vecs) and float(np.max(old_vecs @ vec)) >= self.dedup_threshold:
+                    continue
+                if any(float(v @ vec) >= self.dedup_threshold for _, v in kept):
+                    continue
+                keys.add(key)
+                kept.append((text, vec))
             for text, vec in kept:
                 created = now()
                 cur = self.db.execute(
@@ -150,7 +149,7 @@ class LongTermMemory:
     def forget(self, user: str, id: int | None = None) -> int:
         """Delete one fact of ``user`` (by id) or all of them; returns how many were deleted."""
         _check_user(user)
-        with self.db.conn:
+        with write(self.db):
             if id is None:
                 cur = self.db.execute("DELETE FROM memories WHERE user_id = ?", [user])
             else:

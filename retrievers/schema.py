@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sqlite_utils
 
-from app.db import Migrations
+from .db import Migrations
 
 migrations = Migrations("retrievers")
 

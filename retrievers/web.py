@@ -21,6 +21,7 @@ from typing import Any, Callable
 import sqlite_utils
 
 from .base import LangChainRetrievable, Passage, RetrieverError
+from .db import write
 from .schema import ensure_schema
 
 _TAG = re.compile(r"<[^>]*>")
@@ -110,11 +111,12 @@ class WebSearch(LangChainRetrievable):
         if results is None:
             results = self._fetch(query, max(k, self.fetch))
             if results:
-                self.db["web_cache"].upsert(
-                    {"key": key, "query": query, "requested": max(k, self.fetch), "results": json.dumps(results),
-                     "fetched_at": self.clock()},
-                    pk="key",
-                )
+                with write(self.db):
+                    self.db["web_cache"].upsert(
+                        {"key": key, "query": query, "requested": max(k, self.fetch), "results": json.dumps(results),
+                         "fetched_at": self.clock()},
+                        pk="key",
+                    )
         return [
             Passage(
                 r["body"] or r["title"],

@@ -126,7 +126,7 @@ def test_kill_9_in_the_middle_of_writes_loses_nothing_committed(tmp_path):
 def test_kill_9_during_a_knowledge_base_ingest_leaves_nothing_half_written(tmp_path):
     """`fsb kb add` killed mid-ingest: the knowledge base and the memories stored before are as they were; the
     half-written document is invisible to list and search, and adding it again completes."""
-    from app.db import open_db
+    from retrievers.db import open_db
     from retrievers import HashingEmbedder, KnowledgeBase, LongTermMemory
 
     data = tmp_path / "data"
@@ -135,7 +135,7 @@ def test_kill_9_during_a_knowledge_base_ingest_leaves_nothing_half_written(tmp_p
     kept.write_text("# Kept\n\nThis document was added before the crash and must survive it.\n")
     KnowledgeBase(db, HashingEmbedder()).add(kept)
     LongTermMemory(db, HashingEmbedder()).add("dana", ["I have a dog called Biscuit."])
-    db.conn.close()
+    db.close()
     big = tmp_path / "big.txt"
     big.write_text("\n\n".join(f"Paragraph {i} about river boats, lighthouses and the tides of the northern sea."
                                for i in range(5000)))
@@ -160,7 +160,7 @@ def test_kill_9_during_a_knowledge_base_ingest_leaves_nothing_half_written(tmp_p
     assert [d.path for d in kb.list()] == [str(kept.resolve())]
     assert all(p.source.startswith(f"kb:{kept.resolve()}") for p in kb.search("river boats lighthouses", k=5))
     assert [f.text for f in LongTermMemory(db, HashingEmbedder()).list("dana")] == ["I have a dog called Biscuit."]
-    db.conn.close()
+    db.close()
     again = subprocess.run(add, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr
     db = open_db(data / "fsb.db")

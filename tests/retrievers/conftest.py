@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from app.db import open_db
+from retrievers.db import open_db
 from retrievers.embed import HashingEmbedder, default_embedder
 
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from app.cli_knowledge import kb, kg, memory
-from app.db import open_db
+from retrievers.db import open_db
 from app.settings import Settings
 from retrievers import LongTermMemory, starter_kb_dir
 

@@ -203,7 +203,7 @@ def test_expand_paths_walks_folders_and_skips_hidden(tmp_path):
 
 
 def test_search_survives_restart(tmp_path, hashing):
-    from app.db import open_db
+    from retrievers.db import open_db
 
     doc = tmp_path / "a.txt"
     doc.write_text("Persistent penguins.\n")

@@ -49,7 +49,7 @@ def test_cache_entries_expire(db, engines):
 
 
 def test_cache_survives_restart(tmp_path, engines):
-    from app.db import open_db
+    from retrievers.db import open_db
 
     WebSearch(open_db(tmp_path / "fsb.db"), backend="loopback").search("owls")
     WebSearch(open_db(tmp_path / "fsb.db"), backend="loopback").search("owls")
