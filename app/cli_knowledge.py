@@ -65,7 +65,7 @@ def kb_add(ctx, paths):
     total = 0
     for f in files:
         try:
-            total += f.stat().st_size
+            total += f.path.stat().st_size
         except OSError:
             pass
     failures = []
@@ -77,7 +77,7 @@ def kb_add(ctx, paths):
             except RetrieverError as e:
                 failures.append(str(e))
     for r in results:
-        click.echo(f"{r.status:9}  {r.path}  ({r.chunks} passages)")
+        click.echo(f"{r.status:9}  {r.name}  ({r.chunks} passages)")
     for message in failures:
         click.echo(f"error      {message}", err=True)
     if failures:
@@ -88,30 +88,34 @@ def kb_add(ctx, paths):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def kb_list(ctx, as_json):
-    """List the files in the knowledge base."""
+    """List the files in the knowledge base, by the names their passages' sources use."""
     from retrievers import KnowledgeBase, default_embedder
 
     docs = KnowledgeBase(_db(ctx), default_embedder()).list()
-    if as_json:
-        click.echo(json.dumps([asdict(d) for d in docs], indent=2))
+    if as_json:  # names only, as sources show them: no absolute server path
+        click.echo(json.dumps([{k: v for k, v in asdict(d).items() if k != "path"} for d in docs], indent=2))
         return
     if not docs:
         click.echo("The knowledge base is empty. Add files with: fsb kb add PATH...")
     for d in docs:
-        click.echo(f"{d.path}  {d.chunks} passages  {d.title!r}  added {d.added}")
+        click.echo(f"{d.name}  {d.chunks} passages  {d.title!r}  added {d.added}")
 
 
 @kb.command("remove")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.pass_context
 def kb_remove(ctx, paths):
-    """Remove files from the knowledge base (the files themselves are not touched)."""
-    from retrievers import KnowledgeBase, default_embedder
+    """Remove files (by path, or by the name `fsb kb list` shows) from the knowledge base; the files are not touched."""
+    from retrievers import KnowledgeBase, RetrieverError, default_embedder
 
     knowledge = KnowledgeBase(_db(ctx), default_embedder())
     missing = []
     for p in paths:
-        if knowledge.remove(p):
+        try:
+            removed = knowledge.remove(p)
+        except RetrieverError as e:
+            raise click.ClickException(str(e)) from None
+        if removed:
             click.echo(f"removed  {p}")
         else:
             missing.append(p)

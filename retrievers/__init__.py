@@ -13,13 +13,13 @@ from pathlib import Path
 
 from .base import Passage, Retriever, RetrieverError
 from .embed import Embedder, HashingEmbedder, MiniLMEmbedder, default_embedder
-from .kb import AddResult, KBDoc, KnowledgeBase
+from .kb import AddResult, KBDoc, KBFile, KnowledgeBase
 from .kg import KnowledgeGraph
 from .memory import LongTermMemory, MemoryFact, UserMemory
 from .web import WebSearch
 
 __all__ = [
-    "AddResult", "Embedder", "HashingEmbedder", "KBDoc", "KnowledgeBase", "KnowledgeGraph", "LongTermMemory",
+    "AddResult", "Embedder", "HashingEmbedder", "KBDoc", "KBFile", "KnowledgeBase", "KnowledgeGraph", "LongTermMemory",
     "MemoryFact", "MiniLMEmbedder", "Passage", "Retriever", "RetrieverError", "UserMemory", "WebSearch",
     "default_embedder", "starter_kb_dir",
 ]

@@ -8,6 +8,11 @@ one ``ready``. A failure, or a process killed mid-ingest, leaves only pending ro
 file), so the knowledge base is as it was; and the write lock is never held while embedding, so the server keeps
 answering and writing while a long file is ingested.
 
+A document is identified by its resolved path, but it is *named* relative to what the user added: a file added on
+its own by its file name (``notes.md``), a file found in an added folder by its path from that folder, the folder's
+own name included (``starter_kb/photosynthesis.md``). Sources, passage metadata and listings use the name, so no
+absolute server path ever reaches a reply, a trace or the API.
+
 Search fuses two rankings with reciprocal-rank fusion (score = sum of ``1 / (60 + rank)``): FTS5's BM25 over the
 query's words (each quoted, so user text is never parsed as FTS syntax) and the cosine similarity of embeddings.
 """
@@ -45,12 +50,14 @@ class AddResult:
     path: str
     status: Literal["added", "updated", "unchanged"]
     chunks: int
+    name: str = ""
 
 
 @dataclass(frozen=True)
 class KBDoc:
     id: int
     path: str
+    name: str
     title: str
     sha256: str
     mtime: float
@@ -78,21 +85,38 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files to ingest: each path resolved; a directory stands for its supported, non-hidden files, recursively."""
-    out: list[Path] = []
+@dataclass(frozen=True)
+class KBFile:
+    """A file to ingest (``path``, resolved) and its ``name`` in the knowledge base; usable wherever a path is."""
+
+    path: Path
+    name: str
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def expand_paths(paths: Iterable[str | os.PathLike]) -> list[KBFile]:
+    """Files to ingest: each path resolved; a directory stands for its supported, non-hidden files, recursively.
+
+    A file given on its own is named by its file name; a file found in a folder by its path from that folder, the
+    folder's name included (``docs/sub/a.md`` for ``sub/a.md`` in ``docs``).
+    """
+    out: dict[Path, KBFile] = {}
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
+            folder = path.name or path.resolve().name  # "." or "~" name the folder they stand for
             for child in sorted(path.rglob("*")):
                 rel = child.relative_to(path)
                 if any(part.startswith(".") for part in rel.parts):
                     continue
                 if child.suffix.lower() in SUPPORTED_SUFFIXES and child.is_file() and not child.is_symlink():
-                    out.append(child.resolve())
+                    name = f"{folder}/{rel.as_posix()}" if folder else rel.as_posix()
+                    out.setdefault(child.resolve(), KBFile(child.resolve(), name))
         else:
-            out.append(path.resolve())
-    return list(dict.fromkeys(out))
+            out.setdefault(path.resolve(), KBFile(path.resolve(), path.name))
+    return list(out.values())
 
 
 class KnowledgeBase(LangChainRetrievable):
@@ -109,7 +133,7 @@ class KnowledgeBase(LangChainRetrievable):
         >>> kb.add("notes.md").status
         'added'
         >>> kb.search("what is a skill?", k=3)[0].source
-        'kb:/home/me/notes.md#0'
+        'kb:notes.md#0'
     """
 
     name = "kb"
@@ -136,12 +160,21 @@ class KnowledgeBase(LangChainRetrievable):
 
     # -- ingest ---------------------------------------------------------------------------------------------------
 
-    def add(self, path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> AddResult:
+    def add(
+        self,
+        path: str | os.PathLike | KBFile,
+        progress: Callable[[int], None] | None = None,
+        *,
+        name: str | None = None,
+    ) -> AddResult:
         """Ingest one file (text, Markdown, HTML or JSONL), replacing an older version of it.
 
         Args:
-            path: the file; it is resolved (symlinks followed) and stored under its resolved path.
+            path: the file; it is resolved (symlinks followed) and identified by its resolved path. A
+                :class:`KBFile` from :func:`expand_paths` brings its name.
             progress: called with a number of bytes each time that many more have been read.
+            name: what sources call the document (relative, never absolute); by default the ``KBFile``'s name, or
+                else the file name as given.
 
         Returns:
             an :class:`AddResult`; "unchanged" (and nothing written) when the file's sha256 is already stored.
@@ -150,6 +183,9 @@ class KnowledgeBase(LangChainRetrievable):
             RetrieverError: the path is not a regular readable file, is empty, binary, not UTF-8, too large, or a
                 JSONL line is malformed. The knowledge base is then left exactly as it was.
         """
+        name = name or (path.name if isinstance(path, KBFile) else Path(path).expanduser().name)
+        if Path(name).is_absolute():
+            raise ValueError(f"a document's name is relative to what was added, not {name!r}")
         resolved = self._check_file(path)
         st = resolved.stat()
         digest = file_sha256(resolved)
@@ -157,7 +193,7 @@ class KnowledgeBase(LangChainRetrievable):
         if old and old["sha256"] == digest and old["embedder"] == self.embedder.name:
             if progress:
                 progress(st.st_size)
-            return AddResult(str(resolved), "unchanged", old["chunks"])
+            return AddResult(str(resolved), "unchanged", old["chunks"], old["name"])
         sniff_text(resolved)
 
         # Leftovers of an interrupted ingest of this same path are never visible; clear them now.
@@ -167,13 +203,13 @@ class KnowledgeBase(LangChainRetrievable):
             ).fetchall():
                 self._delete_doc(row[0])
             cur = self.db.execute(
-                "INSERT INTO kb_docs (path, sha256, mtime, size, title, embedder, state, added) "
-                "VALUES (?, ?, ?, ?, '', ?, 'pending', ?)",
-                [str(resolved), digest, st.st_mtime, st.st_size, self.embedder.name, now()],
+                "INSERT INTO kb_docs (path, name, sha256, mtime, size, title, embedder, state, added) "
+                "VALUES (?, ?, ?, ?, ?, '', ?, 'pending', ?)",
+                [str(resolved), name, digest, st.st_mtime, st.st_size, self.embedder.name, now()],
             )
             doc_id = cur.lastrowid
         try:
-            n, title = self._write_chunks(doc_id, resolved, progress)
+            n, title = self._write_chunks(doc_id, resolved, name, progress)
             if n == 0:
                 raise RetrieverError(f"{resolved} has no text to add.")
             with write(self.db):
@@ -186,7 +222,7 @@ class KnowledgeBase(LangChainRetrievable):
             with write(self.db):
                 self._delete_doc(doc_id)
             raise
-        return AddResult(str(resolved), "updated" if old else "added", n)
+        return AddResult(str(resolved), "updated" if old else "added", n, name)
 
     def _check_file(self, path: str | os.PathLike) -> Path:
         raw = Path(path).expanduser()
@@ -209,7 +245,7 @@ class KnowledgeBase(LangChainRetrievable):
             raise RetrieverError(f"{raw}: permission denied.")
         return resolved
 
-    def _write_chunks(self, doc_id: int, path: Path, progress) -> tuple[int, str]:
+    def _write_chunks(self, doc_id: int, path: Path, name: str, progress) -> tuple[int, str]:
         kind = kind_for(path)
         blocks = read_blocks(path, kind, on_bytes=progress)
         chunks = chunk_blocks(blocks, self.target_words, self.max_words, self.overlap_words)
@@ -220,24 +256,24 @@ class KnowledgeBase(LangChainRetrievable):
             title = title or chunk.title
             batch.append(chunk)
             if len(batch) >= EMBED_BATCH:
-                n = self._insert_batch(doc_id, path, batch, n)
+                n = self._insert_batch(doc_id, name, batch, n)
                 batch = []
         if batch:
-            n = self._insert_batch(doc_id, path, batch, n)
+            n = self._insert_batch(doc_id, name, batch, n)
         return n, title
 
-    def _insert_batch(self, doc_id: int, path: Path, batch, start: int) -> int:
+    def _insert_batch(self, doc_id: int, name: str, batch, start: int) -> int:
         # Embed first, then take the write lock only for the insert: a chat's writes wait milliseconds, not the ingest.
         vecs = self.embedder.encode([f"{c.title}\n{c.text}" if c.title else c.text for c in batch])
         rows = []
         for i, (chunk, vec) in enumerate(zip(batch, vecs), start=start):
-            meta = {"doc": str(path), "chunk": i}
+            meta = {"doc": name, "chunk": i}
             if chunk.url:
                 meta["url"] = chunk.url
             if chunk.record:
                 meta["line"] = chunk.record
             rows.append(
-                (doc_id, i, chunk.title, chunk.text, chunk.url or f"kb:{path}#{i}", json.dumps(meta), to_blob(vec))
+                (doc_id, i, chunk.title, chunk.text, chunk.url or f"kb:{name}#{i}", json.dumps(meta), to_blob(vec))
             )
         with write(self.db):
             self.db.conn.executemany(
@@ -257,27 +293,36 @@ class KnowledgeBase(LangChainRetrievable):
     # -- list / remove --------------------------------------------------------------------------------------------
 
     def list(self) -> list[KBDoc]:
-        """Every ingested file, by path."""
+        """Every ingested file, by name."""
         rows = self.db.query(
-            "SELECT id, path, title, sha256, mtime, size, chunks, added, embedder FROM kb_docs "
-            "WHERE state = 'ready' ORDER BY path"
+            "SELECT id, path, name, title, sha256, mtime, size, chunks, added, embedder FROM kb_docs "
+            "WHERE state = 'ready' ORDER BY name, path"
         )
         return [KBDoc(**r) for r in rows]
 
     def remove(self, path: str | os.PathLike) -> bool:
-        """Forget a file (given as added, or by its resolved path; the file itself may be gone). True if it was there."""
+        """Forget a file (given as added, by its resolved path, or by its name in the knowledge base; the file itself
+        may be gone). True if it was there.
+
+        Raises:
+            RetrieverError: ``path`` is the name of several documents (give the path instead).
+        """
         candidates = [str(path)]
         try:
             candidates.append(str(Path(path).expanduser().resolve()))
         except (OSError, RuntimeError):
             pass
-        for candidate in candidates:
-            doc = self._ready_doc(candidate)
-            if doc:
-                with write(self.db):
-                    self._delete_doc(doc["id"])
-                return True
-        return False
+        doc = next(filter(None, map(self._ready_doc, candidates)), None)
+        if doc is None:
+            named = list(self.db.query("SELECT * FROM kb_docs WHERE name = ? AND state = 'ready'", [str(path)]))
+            if len(named) > 1:
+                raise RetrieverError(f"{len(named)} documents are named {str(path)!r}: remove one by its path.")
+            doc = named[0] if named else None
+        if doc is None:
+            return False
+        with write(self.db):
+            self._delete_doc(doc["id"])
+        return True
 
     # -- search ---------------------------------------------------------------------------------------------------
 

@@ -1,13 +1,16 @@
 """Tables owned by the retrievers, as numbered migrations recorded in ``_fsb_migrations`` (owner ``"retrievers"``).
 
 Knowledge base
-    ``kb_docs``    one row per ingested file: resolved ``path``, ``sha256``, ``mtime``, ``size``, ``title``, the
-                   ``embedder`` that embedded it, and ``state``: ``"pending"`` while an ingest is being written,
-                   ``"ready"`` once it is complete. Only ready documents are listed or searched, so a failed or
-                   interrupted ingest never shows half a file, and a re-ingest swaps old for new in one transaction.
-    ``kb_chunks``  the passages: ``doc_id``, ``n`` (order in the file), ``title``, ``text``, ``source``, ``meta`` (JSON),
-                   ``embedding`` (float32 blob, L2-normalised). ``kb_chunks_fts`` is its FTS5 index (porter stemming),
-                   kept in step by sqlite-utils' triggers.
+    ``kb_docs``    one row per ingested file: resolved ``path`` (its identity, never shown), ``name`` (what
+                   sources and listings call it: relative to what the user added), ``sha256``, ``mtime``, ``size``,
+                   ``title``, the ``embedder`` that embedded it, and ``state``: ``"pending"`` while an ingest is
+                   being written, ``"ready"`` once it is complete. Only ready documents are listed or searched, so a
+                   failed or interrupted ingest never shows half a file, and a re-ingest swaps old for new in one
+                   transaction.
+    ``kb_chunks``  the passages: ``doc_id``, ``n`` (order in the file), ``title``, ``text``, ``source``
+                   (``kb:<name>#<n>``, or the record's URL), ``meta`` (JSON), ``embedding`` (float32 blob,
+                   L2-normalised). ``kb_chunks_fts`` is its FTS5 index (porter stemming), kept in step by
+                   sqlite-utils' triggers.
 Knowledge graph
     ``kg_triples`` ``subject, relation, object`` with normalised ``subject_key`` / ``object_key`` for fuzzy lookup.
 Web search
@@ -17,6 +20,9 @@ Long-term memory
                    ``created``, ``source_turn``, ``embedder``, ``embedding``.
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import sqlite_utils
 
@@ -105,6 +111,28 @@ def m004_memories(db: sqlite_utils.Database) -> None:
         )"""
     )
     db.execute("CREATE INDEX memories_user ON memories(user_id)")
+
+
+@migrations()
+def m005_kb_document_names(db: sqlite_utils.Database) -> None:
+    """Name each document relative to what was added, and rewrite its sources, which held the absolute path.
+
+    Documents added before this have no record of the folder they came from: they are named by their file name,
+    except the shipped starter documents (``starter_kb/<file>``).
+    """
+    db.execute("ALTER TABLE kb_docs ADD COLUMN name TEXT NOT NULL DEFAULT ''")
+    starter = Path(__file__).resolve().parent / "starter_kb"
+    for doc_id, path in db.execute("SELECT id, path FROM kb_docs").fetchall():
+        p = Path(path)
+        name = f"starter_kb/{p.relative_to(starter).as_posix()}" if p.is_relative_to(starter) else p.name
+        db.execute("UPDATE kb_docs SET name = ? WHERE id = ?", [name, doc_id])
+        for chunk_id, n, source, meta in db.execute(
+            "SELECT id, n, source, meta FROM kb_chunks WHERE doc_id = ?", [doc_id]
+        ).fetchall():
+            meta = {**json.loads(meta or "{}"), "doc": name}
+            if source.startswith("kb:"):
+                source = f"kb:{name}#{n}"
+            db.execute("UPDATE kb_chunks SET source = ?, meta = ? WHERE id = ?", [source, json.dumps(meta), chunk_id])
 
 
 def ensure_schema(db: sqlite_utils.Database) -> None:

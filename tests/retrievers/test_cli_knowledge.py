@@ -35,23 +35,29 @@ def test_kb_add_list_search_remove(run, settings, tmp_path):
         shutil.copy(starter_kb_dir() / name, docs / name)
     result = run(kb, "add", str(docs))
     assert result.exit_code == 0, result.output
-    assert result.output.count("added") == 3
+    assert result.output.count("added") == 3 and "added      docs/solar-system.md  (1 passages)" in result.output
     assert settings.db_path.is_file()
 
     assert "unchanged" in run(kb, "add", str(docs / "solar-system.md")).output
 
     listed = json.loads(run(kb, "list", "--json").output)
     assert {d["title"] for d in listed} >= {"The solar system", "Photosynthesis"}
+    assert [d["name"] for d in listed] == ["docs/coffee-and-tea.md", "docs/photosynthesis.md", "docs/solar-system.md"]
+    plain_list = run(kb, "list").output
+    assert str(tmp_path) not in plain_list + json.dumps(listed)  # no absolute server path
+    assert plain_list.startswith("docs/coffee-and-tea.md  ")
 
     found = json.loads(run(kb, "search", "Which planet is the largest?", "--k", "2", "--json").output)
     assert len(found) == 2
     assert found[0]["title"] == "The solar system"
     assert set(found[0]) == {"text", "source", "score", "title", "meta"}
     plain = run(kb, "search", "largest planet")
-    assert plain.output.startswith("1. [") and "solar-system.md#0" in plain.output
+    assert plain.output.startswith("1. [") and "] kb:docs/solar-system.md#0  (The solar system)" in plain.output
 
     assert run(kb, "remove", str(docs / "solar-system.md")).exit_code == 0
     assert "The solar system" not in run(kb, "list").output
+    assert run(kb, "remove", "docs/photosynthesis.md").exit_code == 0  # by the name the list shows
+    assert "Photosynthesis" not in run(kb, "list").output
 
 
 def test_kb_errors_are_click_errors(settings, minilm, tmp_path):

@@ -25,14 +25,15 @@ def test_add_list_search_remove(kb, tmp_path):
     doc = tmp_path / "cats.md"
     doc.write_text("# Cats\n\nCats purr when they are content.\n\nA cat sleeps up to sixteen hours a day.\n")
     result = kb.add(doc)
-    assert (result.path, result.status, result.chunks) == (str(doc.resolve()), "added", 1)
+    assert (result.path, result.name, result.status, result.chunks) == (str(doc.resolve()), "cats.md", "added", 1)
     [listed] = kb.list()
-    assert (listed.path, listed.title, listed.chunks, listed.embedder) == (str(doc.resolve()), "Cats", 1, "hashing-256")
+    assert (listed.path, listed.name, listed.title, listed.chunks, listed.embedder) == (
+        str(doc.resolve()), "cats.md", "Cats", 1, "hashing-256")
     [hit] = kb.search("how long do cats sleep", k=3)
-    assert hit.source == f"kb:{doc.resolve()}#0"
+    assert hit.source == "kb:cats.md#0"  # named as added: no absolute server path in sources
     assert hit.title == "Cats"
     assert hit.text == "Cats purr when they are content.\n\nA cat sleeps up to sixteen hours a day."
-    assert hit.meta["doc"] == str(doc.resolve()) and hit.meta["chunk"] == 0
+    assert hit.meta == {"doc": "cats.md", "chunk": 0, "bm25_rank": 1, "cosine": hit.meta["cosine"]}
     assert kb.remove(doc) is True
     assert kb.list() == [] and kb.search("cats") == [] and chunk_rows(kb.db) == []
     assert kb.remove(doc) is False
@@ -199,7 +200,69 @@ def test_expand_paths_walks_folders_and_skips_hidden(tmp_path):
     (tmp_path / "image.png").write_bytes(b"\x89PNG")
     (tmp_path / ".hidden").mkdir()
     (tmp_path / ".hidden" / "c.md").write_text("c")
-    assert expand_paths([tmp_path]) == [(tmp_path / "b.txt").resolve(), (tmp_path / "sub" / "a.md").resolve()]
+    files = expand_paths([tmp_path, tmp_path / "b.txt"])  # a file met twice keeps its first name
+    assert [(f.path, f.name) for f in files] == [
+        ((tmp_path / "b.txt").resolve(), f"{tmp_path.name}/b.txt"),
+        ((tmp_path / "sub" / "a.md").resolve(), f"{tmp_path.name}/sub/a.md"),
+    ]
+    assert [(f.path, f.name) for f in expand_paths([tmp_path / "sub" / "a.md"])] == [
+        ((tmp_path / "sub" / "a.md").resolve(), "a.md")]
+
+
+def test_sources_name_documents_relative_to_the_folder_added(kb, tmp_path):
+    """A folder's files are named from the folder; the name, never the absolute path, is in sources and meta."""
+    docs = tmp_path / "docs"
+    (docs / "birds").mkdir(parents=True)
+    (docs / "birds" / "owls.md").write_text("# Owls\n\nOwls hunt at night and turn their heads far around.\n")
+    results = [kb.add(f) for f in expand_paths([docs])]
+    assert [(r.name, r.status) for r in results] == [("docs/birds/owls.md", "added")]
+    [hit] = kb.search("owls hunt at night", k=1)
+    assert (hit.source, hit.meta["doc"]) == ("kb:docs/birds/owls.md#0", "docs/birds/owls.md")
+    assert str(tmp_path) not in repr(hit) and str(tmp_path) not in repr(kb.list()[0].name)
+    assert kb.add(docs / "birds" / "owls.md", name="owls").status == "unchanged"  # the name is kept
+    with pytest.raises(ValueError):
+        kb.add(docs / "birds" / "owls.md", name=str(docs / "birds" / "owls.md"))
+    assert kb.remove("docs/birds/owls.md") is True and kb.list() == []
+
+
+def test_remove_by_a_name_two_documents_share_is_refused(kb, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "notes.md").write_text(f"Notes from folder {folder}.\n")
+        kb.add(tmp_path / folder / "notes.md")
+    with pytest.raises(RetrieverError, match="2 documents are named 'notes.md'"):
+        kb.remove("notes.md")
+    assert kb.remove(tmp_path / "a" / "notes.md") is True
+    assert kb.remove("notes.md") is True and kb.list() == []
+
+
+def test_older_databases_get_names_instead_of_absolute_paths(tmp_path, hashing):
+    """Migration m005 renames documents stored before names existed (their sources held the absolute path)."""
+    import sqlite3
+
+    from retrievers import schema
+    from retrievers.db import open_db
+
+    path = tmp_path / "old.db"
+    db = open_db(path)
+    steps = schema.migrations._steps
+    old = schema.Migrations("retrievers")
+    old._steps = [s for s in steps if s[0] < "m005"]
+    old.apply(db)
+    doc = (tmp_path / "old.md").resolve()
+    starter = (starter_kb_dir() / "photosynthesis.md").resolve()
+    for i, p in enumerate([doc, starter], start=1):
+        db.execute("INSERT INTO kb_docs (id, path, sha256, mtime, size, embedder, state, added) "
+                   "VALUES (?, ?, 'x', 0, 1, 'hashing-256', 'ready', 'then')", [i, str(p)])
+        db.execute("INSERT INTO kb_chunks (doc_id, n, text, source, meta, embedding) "
+                   "VALUES (?, 0, 'text', ?, ?, x'00')", [i, f"kb:{p}#0", f'{{"doc": "{p}", "chunk": 0}}'])
+    db.close()
+    KnowledgeBase(open_db(path), hashing)
+    rows = sqlite3.connect(path).execute(
+        "SELECT d.name, c.source, c.meta FROM kb_docs d JOIN kb_chunks c ON c.doc_id = d.id ORDER BY d.id").fetchall()
+    assert rows == [("old.md", "kb:old.md#0", '{"doc": "old.md", "chunk": 0}'),
+                    ("starter_kb/photosynthesis.md", "kb:starter_kb/photosynthesis.md#0",
+                     '{"doc": "starter_kb/photosynthesis.md", "chunk": 0}')]
 
 
 def test_search_survives_restart(tmp_path, hashing):
