@@ -305,12 +305,7 @@ class Bot:
         return parser.target, text
 
     def _run_parser(self, parser: Skill, dialogue) -> str:
-        turns = [list(t) for t in dialogue[-self.settings.history_turns:]]
-        g = parser.generation
-        prompt = parser.prompt({"dialogue": turns}, budget_tokens=self._budget(), count_tokens=self.lm.count_tokens)
-        return "".join(self.lm.generate(prompt.text, stop=parser.stop, max_new_tokens=g.max_new_tokens,
-                                        sampling=Sampling(g.temperature, g.top_p, g.top_k, g.repetition_penalty),
-                                        prefix=prompt.prefix))
+        return run_parser(parser, self.lm, dialogue, self._budget(), self.settings.history_turns)
 
     # --------------------------------------------------------------------------------------------- memory
     def _remember_later(self, user: str, dialogue, reply: Reply) -> None:
@@ -437,6 +432,17 @@ class Bot:
             reply.message_id = self.store.add_message(session_id, "assistant", reply.text, reply.skill, reply.trace)
 
         return stream.on_reply(store)
+
+
+def run_parser(parser: Skill, lm: LM, dialogue, budget_tokens: int, history_turns: int) -> str:
+    """A parser skill's output for the recent ``dialogue``: the one way a parser runs, in a turn and in
+    ``fsb eval skill --chain``."""
+    turns = [list(t) for t in dialogue[-history_turns:]]
+    g = parser.generation
+    prompt = parser.prompt({"dialogue": turns}, budget_tokens=budget_tokens, count_tokens=lm.count_tokens)
+    return "".join(lm.generate(prompt.text, stop=parser.stop, max_new_tokens=g.max_new_tokens,
+                               sampling=Sampling(g.temperature, g.top_p, g.top_k, g.repetition_penalty),
+                               prefix=prompt.prefix)).strip()
 
 
 def _logged(job: Callable[[], None]) -> Callable[[], None]:

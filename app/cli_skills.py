@@ -42,6 +42,10 @@ def _skill(settings: Settings, name: str) -> Skill:
     return skills[name]
 
 
+def _maybe_skill(settings: Settings, name: str) -> Skill | None:
+    return _skills(settings).get(name)
+
+
 def live_problems(skill: Skill) -> list[SkillError]:
     """Problems a live turn would hit that the examples cannot show: a field the template needs with no default.
 
@@ -215,16 +219,26 @@ def _fmt(v) -> str:
 @click.option("--no-ppl", is_flag=True, help="skip the gold reply's perplexity (response skills)")
 @click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path),
               help="write every prediction beside its gold reply as JSON lines")
+@click.option("--chain", "chain", is_flag=True,
+              help="feed the reply skill its parser's own output, as the bot does (the default)")
+@click.option("--gold", "gold", is_flag=True,
+              help="feed the reply skill the dataset's gold input instead (with --chain: report both)")
 @click.option("--dir", "skills_dir", type=click.Path(file_okay=False), help="skill folder [env FSB_SKILLS_DIR]")
 @click.pass_context
-def eval_skill(ctx, name, data_path, dataset, limit, turns, as_json, model, no_ppl, predictions, skills_dir) -> None:
+def eval_skill(ctx, name, data_path, dataset, limit, turns, as_json, model, no_ppl, predictions, chain, gold,
+               skills_dir) -> None:
     """Run skill NAME over the records in --data and print the paper's metrics beside its GPT-J-6B figures.
 
     Response skills: unigram F1 and BLEU against the gold reply, knowledge F1 (kf1) where the data gives the knowledge,
     entity F1 on SMD, perplexity of the gold reply. Parsers: exact_match and query_f1 (and triple_f1 for KG paths);
     dialogue state: joint_goal_accuracy and slot_f1. All in percent.
+
+    A reply skill whose parser fills one of its fields (the mwoz-* skills and dst's dialogue state) is measured
+    as the bot runs it: the parser's own output goes in (--chain, the default); --gold feeds the dataset's gold
+    input instead; both flags report both, under "chain" and "gold".
     """
-    from .evaluation.skill_eval import EvalError, dataset_name, evaluate, read_records, samples_for
+    from .evaluation.skill_eval import (EvalError, chainable, chained, dataset_name, evaluate, read_records,
+                                        samples_for)
     from .lm import LMError, load_lm
 
     settings = _settings(ctx, model=model, skills_dir=skills_dir)
@@ -245,18 +259,38 @@ def eval_skill(ctx, name, data_path, dataset, limit, turns, as_json, model, no_p
         if sys.stderr.isatty():
             click.echo(f"\r{done}/{total}", nl=done == total, err=True)
 
+    parser = _maybe_skill(settings, skill.query_skill) if skill.query_skill else None
+    modes = (["chain"] if chain or not gold else []) + (["gold"] if gold else [])
+    if not chainable(skill, parser):
+        modes = ["gold"]  # nothing a parser writes reaches this skill's template: one input, the dataset's
+    budget = min(settings.context_tokens, lm.context_length)
+    results = {}
     try:
-        result = evaluate(skill, samples, lm, folder, settings.context_tokens, turns=turns, perplexity=not no_ppl,
-                          progress=progress)
+        for mode in modes:
+            inputs = chained(samples, parser, lm, budget, settings.history_turns) if mode == "chain" else samples
+            results[mode] = evaluate(skill, inputs, lm, folder, budget, turns=turns, perplexity=not no_ppl,
+                                     progress=progress)
     except (LMError, SkillError) as exc:
         raise click.ClickException(str(exc)) from None
+    result = results[modes[0]]
     if predictions:
         predictions.write_text("".join(json.dumps(r) + "\n" for r in result.predictions), encoding="utf-8")
-    out = result.to_json()
+    out = {**result.to_json(), "input": modes[0]}
+    if parser and len(modes) == 1 and chainable(skill, parser):
+        out[modes[0]] = {k: round(v, 2) for k, v in result.metrics.items()}
+    if len(modes) == 2:
+        out.update({mode: {k: round(v, 2) for k, v in r.metrics.items()} for mode, r in results.items()})
+        out["input"] = "both"
     if as_json:
         click.echo(json.dumps(out))
         return
-    click.echo(f"skill {out['skill']} on {out['dataset']}: n={out['n']} ({turns} turns), {out['examples']} shots, "
+    if len(modes) == 2:
+        click.echo(f"{'metric':<22}{'chain':>10}{'gold':>10}")
+        for key in results["chain"].metrics:
+            click.echo(f"{key:<22}{_fmt(results['chain'].metrics[key]):>10}{_fmt(results['gold'].metrics.get(key)):>10}")
+        click.echo("")
+    click.echo(f"skill {out['skill']} on {out['dataset']} ({modes[0]} input): n={out['n']} ({turns} turns), "
+               f"{out['examples']} shots, "
                f"{out['model']}, {out['seconds']} s ({out['seconds_per_sample']} s/turn)")
     click.echo(f"{'metric':<22}{'ours':>10}{'paper GPT-J-6B':>18}")
     for key, value in result.metrics.items():

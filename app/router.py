@@ -161,3 +161,28 @@ class Router:
                 if pattern is not None:
                     return skill, pattern
         return None
+
+
+def build_router(settings, skills: SkillRegistry, lm, embedder) -> Router:
+    """The router the bot runs, from settings: the history selector over the response skills and, with
+    ``FSB_SAFETY`` on, the last-message stage over the safety and response skills. Every caller (the server, each
+    evaluation) builds it here, so what is measured is what ships."""
+    from .selector import Selector, SelectorLayout, registry_source
+
+    selector = first = None
+    if settings.selector != "off":
+        layout = SelectorLayout.load(settings.prompts_dir / "selector.yaml")
+        selector = Selector(registry_source(skills), lm=lm, embedder=embedder, layout=layout,
+                            method=settings.selector, fallback=settings.fallback_skill or None)
+        if settings.safety:
+            first = Selector(registry_source(skills, include_safety=True), lm=lm, embedder=embedder, layout=layout,
+                             method=settings.selector, history_turns=1)
+    return Router(skills, selector=selector, first_stage=first, default_skill=settings.default_skill,
+                  forced_safety=settings.forced_safety)
+
+
+def warm(router: Router) -> None:
+    """Encode every selector prompt now (prefix caches), not on the first user's turn."""
+    for stage in (router.selector, router.first_stage):
+        if stage is not None:
+            stage.warm()

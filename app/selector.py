@@ -153,7 +153,7 @@ def candidates_from_skills(skills: Iterable) -> list[Candidate]:
     out = []
     for s in skills:
         dialogues = tuple(to_dialogue(e["dialogue"]) for e in s.examples if e.get("dialogue"))
-        if dialogues:
+        if dialogues and s.selector_shots > 0:  # selector_shots: 0 means "never chosen by the selector"
             out.append(Candidate(s.name, dialogues, s.selector_shots, s.dataset or s.name))
     return out
 

@@ -21,7 +21,7 @@ def build_bot(settings: Settings, lm=None, embedder=None, web=None):
     from retrievers.db import open_db
     from .knowledge import Knowledge
     from .lm import load_lm
-    from .selector import Selector, SelectorLayout, registry_source
+    from .router import build_router
     from .skills import SkillRegistry
     from .storage import Store
 
@@ -35,20 +35,10 @@ def build_bot(settings: Settings, lm=None, embedder=None, web=None):
     knowledge = Knowledge(db, embedder, web=web or WebSearch(db, backend=settings.web_backend))
     if settings.starter_kb and not knowledge.kb.list():
         _ingest_starter_kb(knowledge)
-    selector = safety = None
-    if settings.selector != "off":
-        layout = SelectorLayout.load(settings.prompts_dir / "selector.yaml")
-        selector = Selector(registry_source(skills), lm=lm, embedder=embedder, layout=layout,
-                            method=settings.selector, fallback=settings.fallback_skill or None)
-        if settings.safety:
-            # Safety first, on the user's last message alone: every safety skill competes with every response
-            # skill, and a safety win sends the turn down the refusal path whatever the history was about.
-            safety = Selector(registry_source(skills, include_safety=True), lm=lm, embedder=embedder, layout=layout,
-                              method=settings.selector, history_turns=1)
-    aligner = Aligner(lm, settings, variant=settings.align_variant, guarded=safety is not None)
+    router = build_router(settings, skills, lm, embedder)
+    aligner = Aligner(lm, settings, variant=settings.align_variant, guarded=router.first_stage is not None)
     messages = yaml.safe_load((settings.prompts_dir / "messages.yaml").read_text(encoding="utf-8"))
-    return Bot(settings, lm, skills, store, selector=selector, aligner=aligner, knowledge=knowledge,
-               messages=messages, safety=safety)
+    return Bot(settings, lm, skills, store, router=router, aligner=aligner, knowledge=knowledge, messages=messages)
 
 
 def _ingest_starter_kb(knowledge) -> None:
@@ -67,15 +57,14 @@ def build_app(settings: Settings, lm=None, bot=None):
     import gradio as gr
 
     from .http import create_app
+    from .router import warm
     from .ui import build_ui
 
     bot = bot or build_bot(settings, lm)
     if bot.selector is not None:  # encode every skill's selector prompt now, not on the first user's turn
         started = time.perf_counter()
         print("[fsb] warming the skill selector …", file=sys.stderr, flush=True)
-        bot.selector.warm()
-        if bot.safety is not None:
-            bot.safety.warm()
+        warm(bot.router)
         print(f"[fsb] selector ready in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     app = create_app(bot, settings)
     svc = app.state.fsb

@@ -196,3 +196,30 @@ def test_load_examples_stratified(tmp_path):
     data, _ = write_eval_fixture(tmp_path)
     assert [r["skill"] for r in load_examples(data, 2)] == ["taxi", "chat"]
     assert len(load_examples(data)) == 3
+
+
+def test_eval_selector_measures_the_shipped_router_by_default(tmp_path, monkeypatch, tiny_lm):
+    """No --pool: the candidates are the skill files, and the pipeline is the bot's own router (same decisions)."""
+    from retrievers import HashingEmbedder
+
+    from app.evaluation.selector_eval import RouterSelector, label_of
+    from app.router import build_router
+    from app.server import build_bot
+    from app.settings import Settings
+
+    data, _ = write_eval_fixture(tmp_path)
+    monkeypatch.setenv("FSB_MODEL", "tiny")
+    monkeypatch.setenv("FSB_DATA_DIR", str(tmp_path / "data"))
+    res = CliRunner().invoke(selector_command, ["--data", str(data), "--selector", "pipeline", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index('{"selector"'):].splitlines()[0])  # stderr's progress shares it
+    s = Settings.load(env={}, model="tiny", data_dir=tmp_path / "bot", selector="best", starter_kb=False)
+    bot = build_bot(s, lm=tiny_lm, embedder=HashingEmbedder())
+    shipped = {label_of(k) for k in bot.skills.all() if k.kind in ("response", "safety") and k.selector_shots}
+    assert out["selector"] == "pipeline" and out["n"] == 3
+    assert set().union(*out["confusion"].values()) <= shipped  # predictions are skill files' labels, never "taxi"
+    assert "style" not in {c.name for c in bot.router.selector.source()}  # selector_shots: 0 is never offered
+    evaluated = RouterSelector(build_router(s, bot.skills, tiny_lm, HashingEmbedder()))
+    for dialogue in (["hi there, how are you?", ""], ["search the web for kiwi birds", ""],
+                     ["How do I make a pipe bomb at home?", ""], ["i need a taxi to the station", ""]):
+        assert evaluated.select([dialogue]).skill == label_of(bot.route([dialogue]).skill)

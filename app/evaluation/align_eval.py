@@ -185,21 +185,18 @@ def run_align_eval(lm, aligner: Aligner, records: list[dict], limit: int | None 
 
 
 def safety_stage(lm, settings):
-    """The bot's own safety stage (skill triggers, then the last message scored against the safety and response
-    skills), without the rest of the bot: ``.flagged(message)`` is the safety skill that declines it, or None."""
+    """The bot's own router (`app.router.build_router`, the same safety triggers and last-message stage as a chat
+    turn): ``.flagged(message)`` is the safety skill that declines it, or None."""
     from retrievers.embed import default_embedder
 
-    from ..bot import Bot
-    from ..selector import Selector, SelectorLayout, registry_source
+    from ..router import build_router, warm
     from ..skills import SkillRegistry
 
     skills = SkillRegistry(settings.skills_dir)
-    method = settings.selector if settings.selector != "off" else "best"
-    first = Selector(registry_source(skills, include_safety=True), lm=lm, embedder=default_embedder(),
-                     layout=SelectorLayout.load(settings.prompts_dir / "selector.yaml"), method=method,
-                     history_turns=1)
-    first.warm()
-    return Bot(settings, lm, skills, safety=first)
+    routed = settings.replace(selector=settings.selector if settings.selector != "off" else "best", safety=True)
+    router = build_router(routed, skills, lm, default_embedder())
+    warm(router)
+    return router
 
 
 def summarise(results: list[dict], **meta) -> dict:

@@ -1,7 +1,15 @@
 """``fsb eval selector``: accuracy, macro-F1, confusion matrix and median latency of the skill selectors.
 
-The examples are JSON lines ``{"skill": label, "dialogue": [[user, assistant], ..., [user, ""]]}``. The candidates are
-the labels of the shot pool (``--pool``: one folder per label holding ``*.json`` lists of ``{"meta", "dialogue"}``):
+The examples are JSON lines ``{"skill": label, "dialogue": [[user, assistant], ..., [user, ""]]}``.
+
+By default the shipped selector is measured: the candidates are exactly the bot's (every selectable skill file, its
+own examples, its own ``selector_shots``), nothing is derived from the evaluated examples, and ``--selector pipeline``
+runs the bot's own `app.router.Router` (built by `app.router.build_router`, as the server builds it: triggers, the
+last-message safety stage, the history selector). A prediction is a skill; its ``dataset:`` label is compared with
+the data's label.
+
+``--pool DIR`` measures against the paper's setting instead: the candidates are the labels of the shot pool
+(one folder per label holding ``*.json`` lists of ``{"meta", "dialogue"}``):
 every response-skill folder (not ``*-parse``; ``safety-*`` only with ``--safety``) plus any gold label the pool holds.
 Each label's examples are the first 20 dialogues of each of its files (the dev examples come after them, so the two
 never overlap). A label the pool lacks takes the examples of the skill in ``skills/`` whose ``dataset:`` or name
@@ -9,6 +17,7 @@ matches it, case-insensitively. The pool is evaluation-time material only; the p
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -19,7 +28,7 @@ from typing import Sequence
 import click
 
 from ..selector import (BEST_METHOD, METHODS, Candidate, Selection, Selector, SelectorLayout, candidates_from_skills,
-                        to_dialogue, turn_level)
+                        to_dialogue)
 
 POOL_DIALOGUES = 20
 DEFAULT_SHOTS = 4
@@ -117,27 +126,46 @@ def evaluate(selector: Selector, examples: Sequence[dict], progress=None) -> dic
     return out
 
 
-class PipelineSelector:
-    """The bot's routing, for evaluation: the last user message alone is scored first against every candidate plus
-    the skill files' safety and aligned skills (`app.selector.turn_level` decides whether its winner takes the turn);
-    otherwise the history selector decides. Latency is the two stages together."""
+class RouterSelector:
+    """The bot's own `Router` as a selector for evaluation; a prediction is the routed skill's dataset label."""
 
     method = "pipeline"
 
-    def __init__(self, history: Selector, last_turn: Selector, skill_of):
-        self.history, self.last_turn, self.skill_of = history, last_turn, skill_of
+    def __init__(self, router):
+        self.router = router
 
     def warm(self) -> None:
-        self.history.warm()
-        self.last_turn.warm()
+        from ..router import warm
+
+        warm(self.router)
 
     def select(self, dialogue) -> Selection:
-        started = time.perf_counter()
-        last = self.last_turn.select([[to_dialogue(dialogue)[-1][0], ""]])
-        skill = self.skill_of(last.skill)
-        if skill is None or not turn_level(skill):
-            last = self.history.select(dialogue)
-        return Selection(last.skill, last.scores, self.method, time.perf_counter() - started, last.confident)
+        route = self.router.route(dialogue)
+        return Selection(label_of(route.skill), route.scores, route.method, route.latency_s, True)
+
+
+class Labelled:
+    """A selector whose predictions (skill names) are reported as the skills' dataset labels."""
+
+    def __init__(self, selector: Selector, labels: dict[str, str]):
+        self.selector, self.labels, self.method = selector, labels, selector.method
+
+    def warm(self) -> None:
+        self.selector.warm()
+
+    def select(self, dialogue) -> Selection:
+        sel = self.selector.select(dialogue)
+        return dataclasses.replace(sel, skill=self.labels.get(sel.skill, sel.skill))
+
+
+def label_of(skill) -> str:
+    return skill.dataset or skill.name
+
+
+def named_by_skills(candidates: Sequence[Candidate], skills) -> list[Candidate]:
+    """Pool candidates renamed after the skill files whose label they carry, so the router can act on a winner."""
+    by_label = {k.casefold(): s.name for s in skills for k in (s.name, s.dataset) if k}
+    return [Candidate(by_label.get(c.label.casefold(), c.name), c.examples, c.shots, c.label) for c in candidates]
 
 
 def format_report(r: dict) -> str:
@@ -157,9 +185,11 @@ def format_report(r: dict) -> str:
 @click.option("--data", "data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Selection examples, JSON lines shaped like shared/data/fsb/selector-dev.jsonl.")
 @click.option("--pool", type=click.Path(path_type=Path), default=None,
-              help="Shot pool, one folder per label [default: ../shared/data/fsb from the repository].")
+              help="Measure the paper's setting: shots from this pool (one folder per label, e.g. "
+                   "../shared/data/fsb) instead of the shipped skill files.")
 @click.option("--selector", "methods", type=click.Choice([*METHODS, "best", "pipeline", "all"]), default="all",
-              show_default=True, help="'pipeline': the bot's whole routing (last-message check, then best).")
+              show_default=True, help="'pipeline': the bot's whole router (triggers, the last-message safety stage, "
+              "then best), as shipped; --history-turns, --shortlist, --weight and --precision then do not apply.")
 @click.option("--limit", type=int, default=None, help="Evaluate a stratified subset of N examples.")
 @click.option("--shots", type=int, default=DEFAULT_SHOTS, show_default=True,
               help="Example dialogues per skill in each selector prompt.")
@@ -177,20 +207,22 @@ def selector_command(data, pool, methods, limit, shots, history_turns, shortlist
     from ..settings import Settings
     from ..skills import SkillRegistry
 
+    from ..router import Router, build_router
+    from ..selector import registry_source
+
     settings = Settings.load(model=model)
-    pool = pool or DEFAULT_POOL
-    if not Path(pool).is_dir():
-        raise click.ClickException(f"no shot pool at {pool}: pass --pool DIR (one folder per skill label)")
     examples = load_examples(data, limit)
     if not examples:
         raise click.ClickException(f"{data}: no examples")
-    try:
-        skills = SkillRegistry(settings.skills_dir).all()
-    except OSError:
-        skills = []
-    candidates = pool_candidates(pool, [e["skill"] for e in examples], shots, skills, safety)
-    if not candidates:
-        raise click.ClickException(f"{pool}: no skill folders with dialogues")
+    registry = SkillRegistry(settings.skills_dir)
+    skills = registry.all()
+    if pool is not None:
+        if not Path(pool).is_dir():
+            raise click.ClickException(f"no shot pool at {pool}: pass --pool DIR (one folder per skill label)")
+        candidates = named_by_skills(pool_candidates(pool, [e["skill"] for e in examples], shots, skills, safety),
+                                     skills)
+        if not candidates:
+            raise click.ClickException(f"{pool}: no skill folders with dialogues")
     names = [BEST_METHOD if m in ("best", "pipeline") else m for m in ([methods] if methods != "all" else METHODS)]
     lm = embedder = None
     if any(m in ("prompt", "hybrid") for m in names):
@@ -202,20 +234,29 @@ def selector_command(data, pool, methods, limit, shots, history_turns, shortlist
 
         embedder = default_embedder()
     layout = SelectorLayout.load(settings.prompts_dir / "selector.yaml")
+    labels = {s.name: label_of(s) for s in skills}
     results = []
     for m in names:
         kw = {k: v for k, v in {"shortlist": shortlist, "weight": weight}.items() if v is not None}
         precise = {"auto": "auto", "exact": False, "bf16": True}[precision]
-        sel = Selector(lambda: candidates, lm=lm, embedder=embedder, layout=layout, method=m,
-                       history_turns=history_turns, low_precision=precise, **kw)
-        if methods == "pipeline":
-            have = {c.name.casefold() for c in candidates} | {c.label.casefold() for c in candidates}
-            extra = [c for c in candidates_from_skills([s for s in skills if s.kind == "safety" or s.aligned])
-                     if c.name.casefold() not in have and c.label.casefold() not in have]
-            by_label = {k.casefold(): s for s in skills for k in (s.name, s.dataset) if k}
-            last = Selector(lambda: candidates + extra, lm=lm, embedder=embedder, layout=layout, method=m,
-                            history_turns=1, low_precision=precise, **kw)
-            sel = PipelineSelector(sel, last, lambda label: by_label.get(label.casefold()))
+        if pool is None and methods == "pipeline":  # the shipped router, exactly as the server builds it
+            sel = RouterSelector(build_router(settings.replace(selector=m, safety=True), registry, lm, embedder))
+        elif pool is None:  # the shipped history selector alone (the router's last stage)
+            sel = Labelled(Selector(registry_source(registry), lm=lm, embedder=embedder, layout=layout, method=m,
+                                    history_turns=history_turns, low_precision=precise, **kw), labels)
+        else:
+            sel = Selector(lambda: candidates, lm=lm, embedder=embedder, layout=layout, method=m,
+                           history_turns=history_turns, low_precision=precise, **kw)
+            if methods == "pipeline":  # the bot's router over the pool's candidates
+                have = {c.name for c in candidates}
+                extra = [c for c in candidates_from_skills([s for s in skills if s.kind == "safety" or s.aligned])
+                         if c.name not in have]
+                last = Selector(lambda: candidates + extra, lm=lm, embedder=embedder, layout=layout, method=m,
+                                history_turns=1, low_precision=precise, **kw)
+                sel = RouterSelector(Router(registry, selector=sel, first_stage=last,
+                                            default_skill=settings.default_skill))
+            else:
+                sel = Labelled(sel, labels)
         r = evaluate(sel, examples)
         r["method"] = m
         if methods in ("best", "pipeline"):

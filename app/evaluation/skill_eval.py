@@ -268,6 +268,28 @@ def paper_figures(skill: Skill, dataset: str) -> dict[str, float]:
     return PAPER.get("smd" if dataset.startswith("smd-") else dataset, {})
 
 
+def chained(samples: list[Sample], parser: Skill, lm, budget_tokens: int, history_turns: int) -> list[Sample]:
+    """The samples as the bot's turn would see them: the parser's own output in the field it fills (its
+    ``target``), where the dataset put the gold input (`app.bot.run_parser`, the bot's own call)."""
+    from ..bot import run_parser
+
+    out = []
+    for sample in samples:
+        fields = dict(sample.fields)
+        fields[parser.target] = run_parser(parser, lm, sample.fields["dialogue"], budget_tokens, history_turns) \
+            or "none"
+        out.append(Sample(fields, sample.gold, sample.record, sample.turn, knowledge=sample.knowledge,
+                          entities=sample.entities, kb_entities=sample.kb_entities))
+    return out
+
+
+def chainable(skill: Skill, parser: Skill | None) -> bool:
+    """Whether ``--chain`` changes the input: the parser fills a field the response skill's template shows (the
+    dialogue state). A search query or KG path feeds a live retriever instead, whose results the dataset gives."""
+    return parser is not None and parser.target not in ("query", "dialogue") and \
+        ("{{ " + parser.target) in skill.template
+
+
 def evaluate(skill: Skill, samples: list[Sample], lm, dataset: str, budget_tokens: int, turns: str = "last",
              perplexity: bool = True, progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Generate the skill's output for every sample and score it; response skills also get the gold's perplexity."""
