@@ -26,6 +26,7 @@ What it does:
        first     TTFT minus the steps above: queueing, HTTP, prefill and the first token (client side)
        prefill   of which the server's own time to the first token (the trace's generate.first_token_s, if any)
        decode    first content chunk to the last one
+       tail      the last content chunk to [DONE] (decoding past the shown text, stop handling, work after it)
        remember  the long-term-memory parser after the reply (before [DONE], or in the background)
 
 3. A concurrency sweep: for each N in ``--clients``, N clients at once, each playing conversations (one session
@@ -61,7 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SCRIPT = Path(__file__).resolve().parent / "conversations.yaml"
-STEPS = ["safety", "select", "parse", "retrieve", "prompt", "first", "prefill", "decode", "remember"]
+STEPS = ["safety", "select", "parse", "retrieve", "prompt", "first", "prefill", "decode", "tail", "remember"]
 ENGINE = "fsbbench"  # the ddgs engine name registered for the stand-in search engine
 USER = "bench"
 
@@ -221,8 +222,12 @@ def stream_turn(client: httpx.Client, url: str, body: dict) -> dict:
     try:
         with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
-                out["error"] = f"http {r.status_code}"
                 r.read()
+                try:
+                    code = r.json()["error"].get("code") or ""
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    code = ""
+                out["error"] = f"http {r.status_code} {code}".strip()
                 out["turn"] = time.perf_counter() - started
                 return out
             done = False
@@ -353,6 +358,7 @@ def breakdown(result: dict) -> dict | None:
     steps["first"] = max(0.0, result["ttft"] - before) if result.get("ttft") is not None else 0.0
     steps["prefill"] = extra.get("prefill")  # the server's own time to the first token, when the trace has it
     steps["decode"] = (result["last_at"] - result["first_at"]) if result.get("first_at") is not None else 0.0
+    steps["tail"] = (result["turn"] - result["last_at"]) if result.get("last_at") is not None else 0.0
     steps["remember"] = raw["remember"]
     steps["generate"] = raw["generate"]  # the server's own prefill + decode time (for reference)
     return steps
@@ -476,6 +482,41 @@ def machine() -> dict:
             "python": platform.python_version(), "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
 
 
+def code_version() -> str | None:
+    """The checkout's commit (with "+changes" when app/, retrievers/, skills/ or prompts/ differ from it)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "app", "retrievers", "skills", "prompts"],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("FSB_BENCH_CODE") or None
+    return head + ("+changes" if dirty else "")
+
+
+class LoadSampler:
+    """The 1-minute load average every few seconds while the benchmark runs (to tell a busy machine)."""
+
+    def __init__(self, every_s: float = 5.0):
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.is_set():
+            self.samples.append(os.getloadavg()[0])
+            self._stop.wait(every_s)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return {"load1_median": round(median(self.samples), 2) if self.samples else None,
+                "load1_max": round(max(self.samples), 2) if self.samples else None, "samples": len(self.samples)}
+
+
 def fmt(x: float | None, width: int = 6) -> str:
     return f"{x:{width}.2f}" if x is not None else f"{'-':>{width}}"
 
@@ -486,8 +527,11 @@ def print_table(res: dict, out) -> None:
     started = f", server up in {res['startup_s']:.0f} s" if res.get("startup_s") else ""
     p(f"Chat-turn latency — {res['model']} ({res['server']}{started}), max_tokens {res['max_tokens']}, "
       f"{res['ok']}/{res['turns']} turns ok, repeat {res['repeat']}")
+    if res.get("code"):
+        p(f"code: {res['code']}")
     p(f"machine: {m['cpu_model']}, {m['cpus_usable']}/{m['cpu_count']} cpus, {m['platform']}, Python {m['python']}; "
-      f"load avg {m['load_avg_start']} at start, {m['load_avg_end']} at end")
+      f"load avg {m['load_avg_start']} at start, {m['load_avg_end']} at end, 1-min load during the run: median "
+      f"{m['load_during']['load1_median']}, max {m['load_during']['load1_max']}")
     p("")
     p(f"{'type':<12} {'n':>3} {'routed':>6} | {'TTFT p50':>8} {'p90':>6} {'max':>6} | {'turn p50':>8} {'p90':>6} "
       f"{'max':>6} | {'tokens':>6}  skills chosen")
@@ -503,7 +547,8 @@ def print_table(res: dict, out) -> None:
     p("")
     p("median step breakdown, seconds (select = routing without the safety stage; first = TTFT minus the steps")
     p("before it: queueing, HTTP, prefill, first token; prefill = the server's own time to the first token, part of")
-    p("first; decode = first to last chunk; remember = memory parser after the reply, possibly in the background)")
+    p("first; decode = first to last chunk; tail = last chunk to [DONE]; remember = memory parser after the reply,")
+    p("possibly in the background; a turn ~ safety + select + parse + retrieve + prompt + first + decode + tail)")
     p(f"{'type':<12} " + " ".join(f"{k:>8}" for k in STEPS) + f" {'turn':>8}")
     for kind, s in res["by_type"].items():
         if s["steps"]:
@@ -551,7 +596,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sweep-seconds", type=float, default=None,
                     help="instead of --sweep-turns: each sweep client plays for this many seconds")
     ap.add_argument("--no-warmup", action="store_true", help="skip the one unmeasured warm-up turn")
+    ap.add_argument("--note", action="append", default=[],
+                    help="a note to print with the results (repeatable), e.g. what else was running")
     ap.add_argument("--json", action="store_true", help="print one JSON object (progress still goes to stderr)")
+    ap.add_argument("--save-json", metavar="PATH", default=None,
+                    help="also write the JSON object to PATH (one run gives both the table and the JSON)")
     args = ap.parse_args(argv)
 
     types = {t.strip() for t in args.types.split(",") if t.strip()} if args.types else None
@@ -560,6 +609,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no conversation has a turn of type {sorted(types or [])}; types: {sorted(expected)}")
     clients = [int(c) for c in (args.clients or "").split(",") if c.strip() and int(c) > 0]
     info = machine()
+    load = LoadSampler()
 
     # In --json mode stdout carries the one JSON object only: anything else printed goes to stderr.
     real_stdout = sys.stdout
@@ -567,7 +617,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout = sys.stderr
     server = None
     startup_s = None
-    notes = []
+    results, sweeps, typed_s = [], [], 0.0
+    notes = list(args.note)
     try:
         if args.url:
             url = args.url.rstrip("/")
@@ -596,7 +647,6 @@ def main(argv: list[str] | None = None) -> None:
         results = play_types(url, server, conversations, types, args.repeat, args.max_tokens)
         typed_s = time.perf_counter() - started
 
-        sweeps = []
         for n in clients:
             say(f"[turn] sweep: {n} clients …")
             sweeps.append(sweep(url, server, conversations, n, args.sweep_turns, args.sweep_seconds,
@@ -608,13 +658,18 @@ def main(argv: list[str] | None = None) -> None:
             server.close()
         sys.stdout = real_stdout
     info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    info["load_during"] = load.stop()
+    if info["load_during"]["load1_median"] and info["load_during"]["load1_median"] > (info["cpus_usable"] or 1):
+        notes.append(f"the machine was busy: 1-minute load average {info['load_during']['load1_median']} (median; "
+                     f"max {info['load_during']['load1_max']}) on {info['cpus_usable']} cpus during the run")
 
     ok = [r for r in results if r["ok"]]
     ttft = [r["ttft"] for r in ok]
     turn = [r["turn"] for r in ok]
     res: dict = {
-        "model": model, "server": url if args.url else "in-process", "machine": info,
-        "startup_s": startup_s, "max_tokens": args.max_tokens, "repeat": args.repeat, "turns": len(results), "ok": len(ok),
+        "model": model, "server": url if args.url else "in-process", "machine": info, "code": code_version(),
+        "startup_s": startup_s, "max_tokens": args.max_tokens, "repeat": args.repeat, "turns": len(results),
+        "ok": len(ok),
         "errors": dict(Counter(r["error"] for r in results if not r["ok"])), "typed_wall_s": typed_s,
         "ttft_median_s": median(ttft), "ttft_p90_s": pct(ttft, 90), "ttft_max_s": max(ttft) if ttft else None,
         "turn_median_s": median(turn), "turn_p90_s": pct(turn, 90), "turn_max_s": max(turn) if turn else None,
@@ -628,6 +683,8 @@ def main(argv: list[str] | None = None) -> None:
         res[f"tokens_per_s_{s['clients']}"] = s["tokens_per_s"]
         res[f"ttft_p50_s_{s['clients']}"] = s["ttft_p50_s"]
         res[f"ttft_p95_s_{s['clients']}"] = s["ttft_p95_s"]
+    if args.save_json:
+        Path(args.save_json).write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
     if args.json:
         print(json.dumps(res))
     else:

@@ -33,7 +33,8 @@ def test_turn_benchmark_prints_one_json_object_with_positive_numbers(tmp_path):
         for key in ("ttft_median_s", "ttft_p90_s", "ttft_max_s", "turn_median_s", "turn_p90_s"):
             assert s[key] > 0, (kind, key)
         # the breakdown comes from the stored trace of every turn
-        assert set(s["steps"]) >= {"safety", "select", "parse", "retrieve", "prompt", "first", "decode", "remember"}
+        assert set(s["steps"]) >= {"safety", "select", "parse", "retrieve", "prompt", "first", "decode", "tail",
+                                   "remember"}
         assert all(v >= 0 for v in s["steps"].values() if v is not None) and s["steps"]["first"] > 0, (kind, s["steps"])
     # web turns went through the stand-in search engine, knowledge-base turns through the retriever
     assert res["by_type"]["web"]["skills"] == {"wit": res["by_type"]["web"]["ok"]}  # the trigger routes them
