@@ -13,6 +13,7 @@ import uuid
 import gradio as gr
 
 from .bot import BadRequest, Bot
+from .explain import explanation
 from .http.errors import Busy, QueueTimeout, RateLimited
 
 log = logging.getLogger(__name__)
@@ -20,24 +21,21 @@ AUTO = "auto"
 LOCAL_USER = "web"  # the web chat's user when no API keys are configured (a single-user local install)
 
 
-def sources_note(skill: str, passages: list[dict]) -> dict:
-    """The small message under a reply: the skill that answered and the sources it used (links for web pages)."""
-    lines = []
-    for p in passages:
-        src = p.get("source", "")
-        label = p.get("title") or src
-        lines.append(f"- [{label}]({src})" if src.startswith(("http://", "https://")) else f"- {label}")
-    return {"role": "assistant", "content": "\n".join(lines) or "no sources",
-            "metadata": {"title": f"skill: {skill}" + (f" · {len(passages)} sources" if passages else "")}}
+def sources_note(skill: str, passages: list[dict], trace: dict | None = None, memory_pending: bool = False) -> dict:
+    """The collapsed message under a reply, "Why this reply · skill: <name>": its route, parser output, sources with
+    their scores, memory used and written, and a bar of the step times (`app.explain`)."""
+    return explanation({"passages": passages, **(trace or {})}, skill, memory_pending)
 
 
 def transcript(messages: list[dict]) -> list[dict]:
-    """Stored messages as chat bubbles, each reply followed by its skill and sources."""
+    """Stored messages as chat bubbles, each reply followed by the same explanation as when it was live (the
+    stored trace has everything, memory extraction included once it has finished)."""
     out = []
     for m in messages:
         out.append({"role": m["role"], "content": m["content"]})
         if m["role"] == "assistant" and m.get("skill"):
-            out.append(sources_note(m["skill"], (m.get("trace") or {}).get("passages", [])))
+            trace = m.get("trace") or {}
+            out.append(sources_note(m["skill"], trace.get("passages", []), trace))
     return out
 
 
@@ -82,6 +80,12 @@ def build_ui(bot: Bot, service=None) -> gr.Blocks:
         if bot.knowledge:
             bot.knowledge.memory.forget(user_of(request), int(fact_id) if fact_id else None)
         return memory_view(request)
+
+    def memory_follows(reply) -> bool:
+        """Whether fact extraction runs after this reply (in the background, so its step may not be in yet)."""
+        skill = bot.skills.get(reply.skill) if reply.skill in bot.skills else None
+        return bool(bot.knowledge is not None and bot.settings.memory and skill is not None
+                    and skill.kind != "safety" and bot.settings.memory_skill in bot.skills)
 
     def session_choices(user: str = "") -> list[tuple[str, str]]:
         return [(f"{s['title'] or '(empty)'} · {s['updated'][:16].replace('T', ' ')}", s["id"])
@@ -129,7 +133,8 @@ def build_ui(bot: Bot, service=None) -> gr.Blocks:
             if service is not None:
                 service.metrics.turn.labels(route="web").observe(time.monotonic() - started)
                 service.metrics.tokens.labels(route="web").inc(reply.completion_tokens)
-            history.append(sources_note(reply.skill, reply.passages))
+            history.append(sources_note(reply.skill, reply.passages, dict(reply.trace),
+                                        memory_pending=memory_follows(reply)))
             info = f"skill: **{reply.skill}**"
             yield history, session_id, info, gr.update(choices=session_choices(user), value=session_id)
         except GeneratorExit:  # the page went away mid-reply: stop generating
