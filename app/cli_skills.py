@@ -196,6 +196,80 @@ def skills_show(ctx, name, messages, field_pairs, model, budget, skills_dir) -> 
                + f"; stops at {skill.stop!r}, up to {skill.generation.max_new_tokens} new tokens", err=True)
 
 
+@skills.command("try")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--message", "messages", multiple=True,
+              help="a user message to try; repeatable (default: the draft's first example message)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--save", is_flag=True, help="then install the draft as <skills dir>/<name>.yaml")
+@click.option("--overwrite", is_flag=True, help="with --save: replace an existing skill file of that name")
+@click.option("--model", help="HF model id or path, 'tiny', or the default embedded model [env FSB_MODEL]")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="database and caches [env FSB_DATA_DIR]")
+@click.option("--dir", "skills_dir", type=click.Path(file_okay=False), help="skill folder [env FSB_SKILLS_DIR]")
+@click.pass_context
+def skills_try(ctx, file, messages, as_json, save, overwrite, model, data_dir, skills_dir) -> None:
+    """Try the draft skill FILE without installing it (the skill lab, `app.lab`).
+
+    Validates it (each problem as FILE:line: message, exit 1), prints its prompt for the first message with the token
+    count against the budget, then for each message the reply with the draft forced and where the router's history
+    selector ranks the draft among the installed skills (rank, score, top 3).
+    """
+    from .bot import BadRequest
+    from .lab import DraftInvalid, LabError, SkillLab, load_draft
+    from .lm import LMError
+    from .server import build_bot
+    from .skills import SkillRegistry
+
+    settings = _settings(ctx, model=model, skills_dir=skills_dir,
+                         data_dir=Path(data_dir).expanduser() if data_dir else None)
+    text = file.read_text(encoding="utf-8")
+    try:  # before the model loads: a broken draft fails fast
+        skill = load_draft(text, SkillRegistry(settings.skills_dir), source=str(file))
+    except DraftInvalid as exc:
+        if as_json:
+            click.echo(json.dumps({"file": str(file), "valid": False,
+                                   "errors": [{"line": e.line, "message": e.message} for e in exc.errors]}))
+        for err in exc.errors:
+            click.echo(str(err), err=as_json)
+        raise SystemExit(1) from None
+    first_user = next((str(t[0]) for t in skill.examples[0].get("dialogue") or [] if t and t[0]), "")
+    messages = list(messages) or [first_user]
+    click.echo(f"loading {settings.model} …", err=True)
+    bot = build_bot(settings)
+    lab = SkillLab(bot)
+    out: dict = {"file": str(file), "valid": True, "skill": skill.name, "kind": skill.kind, "messages": []}
+    try:
+        rendered = lab.render(text, messages[0])
+        out["prompt"] = rendered.to_json()
+        if not as_json:
+            click.echo(f"{file}: valid, {skill.kind} skill {skill.name}, {len(skill.examples)} examples")
+            click.echo(f"--- prompt for {messages[0]!r}\n{rendered.text}\n--- {rendered.summary()}")
+        for message, rank in zip(messages, lab.rank(text, messages)):
+            reply = lab.chat(text, [{"role": "user", "content": message}])
+            out["messages"].append({"message": message, "reply": reply.text, "skill": reply.skill,
+                                    "rank": rank.to_json()})
+            if not as_json:
+                click.echo(f"\n> {message}\n{reply.skill}: {reply.text}\n{_rank_line(rank)}")
+        if save:
+            out["saved"] = str(lab.save(text, overwrite=overwrite))
+            if not as_json:
+                click.echo(f"\nsaved {out['saved']}")
+    except (LabError, BadRequest, LMError) as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        bot.close()
+    if as_json:
+        click.echo(json.dumps(out))
+
+
+def _rank_line(rank) -> str:
+    if rank.rank is None:
+        return f"rank: - ({rank.note})"
+    top = ", ".join(f"{n} {s:.3f}" for n, s in rank.top)
+    how = "" if rank.shortlisted else "; embedding score, outside the hybrid shortlist"
+    return f"rank {rank.rank} of {rank.of} ({rank.method}): {rank.skill} {rank.score:.3f}{how} · top: {top}"
+
+
 # -------------------------------------------------------------------------------------------------- fsb eval
 @click.group("eval")
 def eval_group() -> None:
