@@ -15,6 +15,7 @@ import gradio as gr
 from .bot import BadRequest, Bot
 from .explain import explanation
 from .http.errors import Busy, QueueTimeout, RateLimited
+from .lab_ui import lab_tab
 
 log = logging.getLogger(__name__)
 AUTO = "auto"
@@ -155,25 +156,28 @@ def build_ui(bot: Bot, service=None) -> gr.Blocks:
     with gr.Blocks(title="Few-Shot Bot") as demo:
         session_state = gr.State(None)
         gr.Markdown("## Few-Shot Bot")
-        with gr.Row():
-            with gr.Column(scale=1, min_width=220):
-                new_btn = gr.Button("New chat")
-                sessions = gr.Dropdown(label="Past chats", choices=[], value=None, interactive=True,
-                                       elem_id="fsb-sessions")
-                skill = gr.Dropdown(label="Skill", choices=skill_choices(), value=AUTO, elem_id="fsb-skill")
-                with gr.Accordion("What I remember about you", open=False, elem_id="fsb-memory"):
-                    memory = gr.Markdown("_Nothing remembered yet._", elem_id="fsb-memory-list")
-                    fact_id = gr.Number(label="Fact #", precision=0, value=None)
+        with gr.Tab("Chat"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=220):
+                    new_btn = gr.Button("New chat")
+                    sessions = gr.Dropdown(label="Past chats", choices=[], value=None, interactive=True,
+                                           elem_id="fsb-sessions")
+                    skill = gr.Dropdown(label="Skill", choices=skill_choices(), value=AUTO, elem_id="fsb-skill")
+                    with gr.Accordion("What I remember about you", open=False, elem_id="fsb-memory"):
+                        memory = gr.Markdown("_Nothing remembered yet._", elem_id="fsb-memory-list")
+                        fact_id = gr.Number(label="Fact #", precision=0, value=None)
+                        with gr.Row():
+                            forget_one = gr.Button("Forget #", size="sm")
+                            forget_all = gr.Button("Forget all", size="sm", variant="stop", elem_id="fsb-forget-all")
+                with gr.Column(scale=4):
+                    chatbot = gr.Chatbot(label="Chat", height=480, elem_id="fsb-chat")
+                    info = gr.Markdown("", elem_id="fsb-info")
+                    warnings = gr.Markdown("", elem_id="fsb-problems")
                     with gr.Row():
-                        forget_one = gr.Button("Forget #", size="sm")
-                        forget_all = gr.Button("Forget all", size="sm", variant="stop", elem_id="fsb-forget-all")
-            with gr.Column(scale=4):
-                chatbot = gr.Chatbot(label="Chat", height=480, elem_id="fsb-chat")
-                info = gr.Markdown("", elem_id="fsb-info")
-                warnings = gr.Markdown("", elem_id="fsb-problems")
-                with gr.Row():
-                    box = gr.Textbox(placeholder="Say something…", show_label=False, scale=5, elem_id="fsb-input")
-                    send = gr.Button("Send", variant="primary", scale=1, elem_id="fsb-send")
+                        box = gr.Textbox(placeholder="Say something…", show_label=False, scale=5, elem_id="fsb-input")
+                        send = gr.Button("Send", variant="primary", scale=1, elem_id="fsb-send")
+        with gr.Tab("Skill lab"):
+            lab_tab(bot, service)
         outputs = [chatbot, session_state, info, sessions]
         for trigger in (box.submit, send.click):
             trigger(respond, [box, chatbot, session_state, skill], outputs).then(lambda: "", None, box).then(
