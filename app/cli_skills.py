@@ -6,7 +6,6 @@ The groups are plain click groups that `app.cli` adds to ``fsb``; settings come 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -298,9 +297,11 @@ def _fmt(v) -> str:
 @click.option("--gold", "gold", is_flag=True,
               help="feed the reply skill the dataset's gold input instead (with --chain: report both)")
 @click.option("--dir", "skills_dir", type=click.Path(file_okay=False), help="skill folder [env FSB_SKILLS_DIR]")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="also write DIR/skill-NAME.html: the metrics beside the paper's as bars, the first predictions")
 @click.pass_context
 def eval_skill(ctx, name, data_path, dataset, limit, turns, as_json, model, no_ppl, predictions, chain, gold,
-               skills_dir) -> None:
+               skills_dir, report_dir) -> None:
     """Run skill NAME over the records in --data and print the paper's metrics beside its GPT-J-6B figures.
 
     Response skills: unigram F1 and BLEU against the gold reply, knowledge F1 (kf1) where the data gives the knowledge,
@@ -313,8 +314,17 @@ def eval_skill(ctx, name, data_path, dataset, limit, turns, as_json, model, no_p
     """
     from .evaluation.skill_eval import (EvalError, chainable, chained, dataset_name, evaluate, read_records,
                                         samples_for)
+    from .evaluation import report
     from .lm import LMError, load_lm
 
+    if report_dir is not None:
+        try:
+            report.require()
+        except report.ReportError as exc:
+            raise click.ClickException(str(exc)) from None
+    if as_json:  # one JSON object on stdout and nothing on stderr
+        report.quiet_libraries()
+    say = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
     settings = _settings(ctx, model=model, skills_dir=skills_dir)
     skill = _skill(settings, name)
     folder = (dataset or dataset_name(data_path)).lower()
@@ -324,15 +334,9 @@ def eval_skill(ctx, name, data_path, dataset, limit, turns, as_json, model, no_p
     except EvalError as exc:
         raise click.ClickException(str(exc)) from None
     loading = time.perf_counter()
-    lm = load_lm(settings, progress=lambda line: click.echo(line, err=True))
+    lm = load_lm(settings, progress=say)
     which = "the last scored turn of each record" if turns == "last" else "every scored turn"
-    click.echo(f"{settings.model} loaded in {time.perf_counter() - loading:.1f} s; {len(samples)} turns of {folder} "
-               f"({which})", err=True)
-
-    def progress(done: int, total: int) -> None:
-        if sys.stderr.isatty():
-            click.echo(f"\r{done}/{total}", nl=done == total, err=True)
-
+    say(f"{settings.model} loaded in {time.perf_counter() - loading:.1f} s; {len(samples)} turns of {folder} ({which})")
     parser = _maybe_skill(settings, skill.query_skill) if skill.query_skill else None
     modes = (["chain"] if chain or not gold else []) + (["gold"] if gold else [])
     if not chainable(skill, parser):
@@ -342,8 +346,9 @@ def eval_skill(ctx, name, data_path, dataset, limit, turns, as_json, model, no_p
     try:
         for mode in modes:
             inputs = chained(samples, parser, lm, budget, settings.history_turns) if mode == "chain" else samples
-            results[mode] = evaluate(skill, inputs, lm, folder, budget, turns=turns, perplexity=not no_ppl,
-                                     progress=progress)
+            with report.progress_bar(len(inputs), f"{name} ({mode})", quiet=as_json) as bar:
+                results[mode] = evaluate(skill, inputs, lm, folder, budget, turns=turns, perplexity=not no_ppl,
+                                         progress=lambda done, total: bar.update(1))
     except (LMError, SkillError) as exc:
         raise click.ClickException(str(exc)) from None
     result = results[modes[0]]
@@ -355,6 +360,13 @@ def eval_skill(ctx, name, data_path, dataset, limit, turns, as_json, model, no_p
     if len(modes) == 2:
         out.update({mode: {k: round(v, 2) for k, v in r.metrics.items()} for mode, r in results.items()})
         out["input"] = "both"
+    if report_dir is not None:
+        try:
+            page = report.skill_report(out, {mode: r.metrics for mode, r in results.items()},
+                                       report.command_line(ctx), result.predictions)
+            say(f"report: {report.write(report_dir, f'skill-{skill.name}', page)}")
+        except report.ReportError as exc:
+            raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps(out))
         return

@@ -20,6 +20,7 @@ import json
 import random
 import re
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -241,13 +242,23 @@ def summarise(results: list[dict], **meta) -> dict:
 @click.option("--replies", "replies_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write every reply, one JSON object a line, to this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def align_command(data, limit, model, variant, route, max_new_tokens, seed, replies_path, as_json):
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write DIR/align.html: the metrics, a latency histogram per category, the replies.")
+def align_command(data, limit, model, variant, route, max_new_tokens, seed, replies_path, as_json, report_dir):
     """Clean stops, leaks, loops, refusals and latency of the alignment layer over an instruction set."""
     from ..lm import LMError, load_lm
     from ..settings import Settings
+    from . import report
 
     if limit is not None and limit < 1:
         raise click.ClickException("--limit must be at least 1")
+    if report_dir is not None:
+        try:
+            report.require()
+        except report.ReportError as exc:
+            raise click.ClickException(str(exc)) from None
+    if as_json:
+        report.quiet_libraries()
     settings = Settings.load(model=model)
     records = load_records(data)
     if not records:
@@ -257,24 +268,37 @@ def align_command(data, limit, model, variant, route, max_new_tokens, seed, repl
         # With the safety skills in front, ordinary answers leave out the refusal examples, as in the bot.
         aligner = Aligner(lm, settings, variant=variant, guarded=route == "safety")
         sink = open(replies_path, "w", encoding="utf-8") if replies_path else None
+        items = []
+        bar = report.progress_bar(len(stratified(records, limit, seed)), f"align {route}", quiet=as_json)
 
         def on_reply(r):
+            items.append(r)
             if sink:
                 sink.write(json.dumps(r, ensure_ascii=False) + "\n")
                 sink.flush()
             if not as_json:
-                click.echo(f"  [{r['category']:7}] {r['finish']:6} {r['latency_s']:5.1f}s "
-                           f"{'refusal ' if r['refusal'] else ''}{r['instruction'][:60]!r}", err=True)
+                bar.write(f"  [{r['category']:7}] {r['finish']:6} {r['latency_s']:5.1f}s "
+                          f"{'refusal ' if r['refusal'] else ''}{r['instruction'][:60]!r}", file=sys.stderr)
+            bar.update(1)
 
         try:
             summary = run_align_eval(lm, aligner, records, limit, route=route, max_new_tokens=max_new_tokens,
                                      seed=seed, on_reply=on_reply)
         finally:
+            bar.close()
             if sink:
                 sink.close()
     except (AlignError, LMError) as exc:
         raise click.ClickException(str(exc)) from None
     summary["data"] = str(data)
+    if report_dir is not None:
+        try:
+            path = report.write(report_dir, "align", report.align_report(
+                summary, items, report.command_line(click.get_current_context())))
+        except report.ReportError as exc:
+            raise click.ClickException(str(exc)) from None
+        if not as_json:
+            click.echo(f"report: {path}", err=True)
     if as_json:
         click.echo(json.dumps(summary))
         return

@@ -122,7 +122,7 @@ def evaluate(selector: Selector, examples: Sequence[dict], progress=None) -> dic
     out = {"selector": selector.method, "n": len(examples), **metrics(gold, pred),
            "median_latency_s": statistics.median(lat) if lat else 0.0,
            "p90_latency_s": sorted(lat)[int(0.9 * (len(lat) - 1))] if lat else 0.0, "warmup_s": warm_s,
-           "predictions": pred}
+           "predictions": pred, "latencies_s": lat}
     return out
 
 
@@ -201,15 +201,25 @@ def format_report(r: dict) -> str:
               help="Prompt scoring in exact float32 or bfloat16 (auto: bf16 where it is fast).")
 @click.option("--safety/--no-safety", default=False, help="Also offer the pool's safety-* labels.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a list under 'results' for 'all').")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write DIR/selector.html: confusion heat map, per-skill precision/recall, latency histogram.")
 def selector_command(data, pool, methods, limit, shots, history_turns, shortlist, weight, model, precision, safety,
-                     as_json):
+                     as_json, report_dir):
     """Accuracy, macro-F1, confusion matrix and median latency of the skill selector(s)."""
+    from . import report
     from ..settings import Settings
     from ..skills import SkillRegistry
 
     from ..router import Router, build_router
     from ..selector import registry_source
 
+    if report_dir is not None:
+        try:
+            report.require()
+        except report.ReportError as exc:
+            raise click.ClickException(str(exc)) from None
+    if as_json:
+        report.quiet_libraries()
     settings = Settings.load(model=model)
     examples = load_examples(data, limit)
     if not examples:
@@ -257,7 +267,12 @@ def selector_command(data, pool, methods, limit, shots, history_turns, shortlist
                                             default_skill=settings.default_skill))
             else:
                 sel = Labelled(sel, labels)
-        r = evaluate(sel, examples)
+        with report.progress_bar(len(examples), f"selector {m}", quiet=as_json) as bar:
+            def progress(done, total, accuracy):
+                bar.set_postfix(accuracy=f"{accuracy:.2f}", refresh=False)
+                bar.update(1)
+
+            r = evaluate(sel, examples, progress=progress)
         r["method"] = m
         if methods in ("best", "pipeline"):
             r["selector"] = methods
@@ -265,7 +280,16 @@ def selector_command(data, pool, methods, limit, shots, history_turns, shortlist
         if not as_json:
             click.echo(format_report(r))
             click.echo("")
+    if report_dir is not None:
+        try:
+            path = report.write(report_dir, "selector",
+                                report.selector_report(results, report.command_line(click.get_current_context())))
+        except report.ReportError as exc:
+            raise click.ClickException(str(exc)) from None
+        if not as_json:
+            click.echo(f"report: {path}", err=True)
     if as_json:
         for r in results:
             r.pop("predictions", None)
+            r.pop("latencies_s", None)
         click.echo(json.dumps(results[0] if len(results) == 1 else {"results": results, "n": len(examples)}))
