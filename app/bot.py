@@ -332,6 +332,42 @@ class Bot:
     def close(self) -> None:
         self._background.shutdown(wait=True)
 
+    # ---------------------------------------------------------------------------------------------- warming
+    def constant_prefixes(self) -> list[tuple[str, str]]:
+        """Every constant prompt head a turn can use, as (what, text): each selectable skill's selector prompt,
+        each response and parser skill's few-shot examples, the alignment layer's two heads. A turn whose prefixes
+        are all cached pays only for its own new tokens."""
+        out: list[tuple[str, str]] = []
+        for stage in (self.router.first_stage, self.router.selector):
+            if stage is not None and stage.prompt is not None:
+                out += [(f"selector:{c.name}", stage.prompt.prefix(c)) for c in stage.source()]
+        probe = {"dialogue": [["hello", ""]]}
+        for skill in self.skills.all(kind="response") + self.skills.all(kind="parser"):
+            try:
+                out.append((f"skill:{skill.name}", skill.prompt(probe,
+                                                                budget_tokens=self._budget(),
+                                                                count_tokens=self.lm.count_tokens).prefix))
+            except Exception as exc:  # noqa: BLE001 - a skill that cannot render now is reported on its turn
+                log.debug("not warming %s: %s", skill.name, exc)
+        if self.aligner is not None:
+            out += [("align", p) for p in {self.aligner.prefix, self.aligner.answer_prefix}]
+        seen: set[str] = set()
+        return [(what, text) for what, text in out if text and not (text in seen or seen.add(text))]
+
+    def warm(self, progress: Callable[[int, int, str], None] | None = None) -> int:
+        """Encode every constant prefix into the model's prefix cache, and the selectors' example embeddings.
+
+        Returns how many prefixes were encoded. Safe to run while turns are served (the cache is shared)."""
+        for stage in (self.router.first_stage, self.router.selector):
+            if stage is not None and stage.embedding is not None and stage.method != "prompt":
+                stage.embedding.warm(list(stage.source()))
+        prefixes = self.constant_prefixes() if hasattr(self.lm, "score_prefixes") else []
+        for i, (what, text) in enumerate(prefixes, 1):
+            self.lm.score_prefixes([text], " ")
+            if progress is not None:
+                progress(i, len(prefixes), what)
+        return len(prefixes)
+
     def _remember(self, user: str, dialogue, trace: dict) -> None:
         """The persona-extraction parser reads the user's turn; the facts it finds go to long-term memory."""
         name = self.settings.memory_skill

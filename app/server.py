@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 
 from .settings import Settings
@@ -52,22 +53,24 @@ def _ingest_starter_kb(knowledge) -> None:
         knowledge.kb.add(path)
 
 
-def build_app(settings: Settings, lm=None, bot=None):
-    """The FastAPI app: API routes first, then the Gradio chat mounted at ``/``."""
+def build_app(settings: Settings, lm=None, bot=None, warm: str = "now"):
+    """The FastAPI app: API routes first, then the Gradio chat mounted at ``/``.
+
+    ``warm``: encode every constant prompt prefix (selector prompts, skills' examples, the alignment layer) ``now``,
+    in the ``background`` while the server already answers (``fsb serve``: turns can start at once, the first ones
+    are slower; ``/healthz`` reports the progress), or ``off``."""
     import gradio as gr
 
     from .http import create_app
-    from .router import warm
     from .ui import build_ui
 
     bot = bot or build_bot(settings, lm)
-    if bot.selector is not None:  # encode every skill's selector prompt now, not on the first user's turn
-        started = time.perf_counter()
-        print("[fsb] warming the skill selector …", file=sys.stderr, flush=True)
-        warm(bot.router)
-        print(f"[fsb] selector ready in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     app = create_app(bot, settings)
     svc = app.state.fsb
+    if warm == "now":
+        warm_up(bot, svc.warming)
+    elif warm == "background":
+        threading.Thread(target=warm_up, args=(bot, svc.warming), name="fsb-warm", daemon=True).start()
     keys = svc.keys
     # With API keys on, the web chat asks for a login: user name and that user's key (Gradio then guards its own
     # routes, the queue and file routes included).
@@ -76,12 +79,42 @@ def build_app(settings: Settings, lm=None, bot=None):
                                auth_message="Sign in with your user name and API key." if keys else None)
 
 
+def warm_up(bot, state: dict) -> None:
+    """`Bot.warm` with a progress bar on a terminal (a line per quarter otherwise); ``state`` feeds ``/healthz``."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    bar = None
+
+    def progress(done: int, total: int, what: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="[fsb] warming prompt caches", unit="prefix", file=sys.stderr,
+                       disable=not sys.stderr.isatty())
+        bar.update(1)
+        state.update(done=done, total=total)
+        if not sys.stderr.isatty() and total and done in {total // 4, total // 2, 3 * total // 4}:
+            print(f"[fsb] warming prompt caches: {done}/{total}", file=sys.stderr, flush=True)
+
+    try:
+        n = bot.warm(progress)
+        state.update(ready=True, seconds=round(time.perf_counter() - started, 1))
+        print(f"[fsb] {n} prompt prefixes cached in {time.perf_counter() - started:.1f} s", file=sys.stderr,
+              flush=True)
+    except Exception as exc:  # noqa: BLE001 - turns still work, only slower: say so and keep serving
+        log.exception("warming the prompt caches failed")
+        state.update(ready=False, error=str(exc))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def serve(settings: Settings) -> None:
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"[fsb] loading model {settings.model} …", file=sys.stderr, flush=True)
-    app = build_app(settings)
+    app = build_app(settings, warm="background")
     print(f"[fsb] serving on http://{settings.host}:{settings.port}/  (API: /v1/chat/completions, docs: /docs)",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)

@@ -81,7 +81,7 @@ class Settings:
     rate_limit: int = 0  # requests a minute per client (API key user, else address) on the generating routes; 0 = off
     context_tokens: int = 2048  # prompt budget: examples + knowledge + history + reply
     history_turns: int = 8
-    prefix_cache_entries: int = 32
+    prefix_cache_entries: int = 128  # every skill's, parser's and selector's prompt head stays cached (~1-2 GB)
     batching: bool = True  # concurrent turns share the model's forward passes (continuous batching)
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     api_key: str = ""

@@ -21,6 +21,7 @@ class Service:
     rate_limit: RateLimit = field(init=False)
     metrics: Metrics = field(init=False)
     keys: dict = field(init=False)
+    warming: dict = field(default_factory=lambda: {"ready": False, "done": 0, "total": 0})
 
     def __post_init__(self):
         s = self.settings
@@ -62,7 +63,8 @@ class Service:
     def healthy(self) -> tuple[bool, dict]:
         """Whether a turn can start now, with the numbers behind the answer."""
         started = time.perf_counter()
-        info = {**self.admission.snapshot(), "model": self.bot.lm.name, "skills": len(self.bot.skills.all())}
+        info = {**self.admission.snapshot(), "model": self.bot.lm.name, "skills": len(self.bot.skills.all()),
+                "warm": dict(self.warming)}  # prompt caches: a turn can start before they are ready, only slower
         problems = []
         try:
             self.bot.store.db.execute("select 1").fetchall()

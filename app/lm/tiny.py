@@ -55,7 +55,7 @@ def corpus_from(paths: Iterable[Path]) -> list[str]:
     return texts or ["hello world"]
 
 
-def build_tiny_lm(corpus: Iterable[str], seed: int = 0, sliding_window: int = 16, prefix_cache_entries: int = 32):
+def build_tiny_lm(corpus: Iterable[str], seed: int = 0, sliding_window: int = 16, prefix_cache_entries: int = 128):
     """A `TransformersLM` over a 4-layer Gemma-3 with random weights (about 100k parameters)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
