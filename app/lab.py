@@ -229,9 +229,18 @@ class SkillLab:
         return load_draft(text, self.bot.skills, source)
 
     def starter(self, like: str | None = None, name: str = "my-skill") -> str:
-        """A draft to begin with: installed skill ``like``'s file (default: the default skill) renamed ``name``."""
-        skill = self.bot.skills.get(like or self.settings.default_skill)
-        text = Path(skill.path).read_text(encoding="utf-8")
+        """A draft to begin with: installed skill ``like``'s file (default: the default skill, else the first
+        response skill) renamed ``name``. Raises `LabError` when there is no such skill file."""
+        installed = {s.name: s for s in self.bot.skills.all()}
+        responses = sorted(n for n, s in installed.items() if s.kind == "response")
+        skill = installed.get(like or self.settings.default_skill) or (
+            installed[responses[0]] if responses and not like else None)
+        if skill is None:
+            raise LabError(f"no installed skill {like!r} to start from")
+        try:
+            text = Path(skill.path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise LabError(f"cannot read {skill.path}: {exc}") from None
         return re.sub(r"(?m)^name:.*$", f"name: {name}", text, count=1)
 
     def render(self, text: str, message: str) -> Rendered:

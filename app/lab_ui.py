@@ -74,7 +74,10 @@ def lab_tab(bot, service=None) -> None:
         return problems, rendered.text, f"{mark} {rendered.summary()}"
 
     def start_from(name: str | None):
-        return lab.starter(like=name, name=f"my-{name}") if name else gr.update()
+        try:
+            return lab.starter(like=name, name=f"my-{name}") if name else gr.update()
+        except LabError:
+            return gr.update()
 
     def client(request: gr.Request | None) -> str:
         user = getattr(request, "username", None) if request is not None else None
@@ -156,7 +159,10 @@ def lab_tab(bot, service=None) -> None:
         served = f"; the API serves it as `fsb:{skill.name}`" if skill.kind == "response" else ""
         return f"✅ Saved to `{path}`{served}."
 
-    starter = lab.starter()
+    try:
+        starter = lab.starter()
+    except LabError:  # no skill file to copy: the author starts from an empty editor
+        starter = ""
     problems, prompt_text, tokens_text = check(starter, "")
     gr.Markdown("Try a draft skill file on the running bot: its problems as you type, its prompt, a chat with it "
                 "forced, and where the router ranks it. Nothing changes for the bot until you save.")

@@ -93,6 +93,14 @@ def test_a_field_a_live_turn_cannot_fill_is_a_problem_too(lab):
     assert lab.validate(text + "defaults:\n  mood: cheerful\n") == []
 
 
+def test_the_starter_draft_is_a_renamed_copy_of_an_installed_skill_and_valid(lab, bot):
+    text = lab.starter()
+    assert lab.validate(text) == []
+    skill = lab.load(text)
+    assert skill.name == "my-skill" and skill.examples == bot.skills.get(bot.settings.default_skill).examples
+    assert lab.load(lab.starter(like="dailydialog", name="my-dd")).template == bot.skills.get("dailydialog").template
+
+
 # --------------------------------------------------------------------------------------------------- render
 def test_a_valid_draft_renders_its_prompt_with_its_token_count_against_the_budget(lab, bot):
     assert lab.validate(DRAFT) == []
