@@ -254,8 +254,9 @@ class Rendered(NamedTuple):
 
 
 @dataclass
-class Reply:
-    """One aligned reply, filled in while it streams; inspect it after the stream is spent."""
+class AlignedText:
+    """The alignment layer's side of a reply (its prompt, how it ended), filled in while it streams; the turn's
+    `app.bot.Reply` is built from it."""
 
     prompt: Rendered
     max_new_tokens: int
@@ -272,7 +273,7 @@ class Reply:
 class Streamed:
     """An iterator over a reply's pieces; ``.reply`` holds the text and how it ended once the stream is spent."""
 
-    def __init__(self, pieces: Iterator[str], reply: Reply):
+    def __init__(self, pieces: Iterator[str], reply: AlignedText):
         self._pieces, self.reply = pieces, reply
 
     def __iter__(self) -> "Streamed":
@@ -285,7 +286,7 @@ class Streamed:
 class StreamedBatch:
     """An iterator over ``(row, piece)``; ``.replies[row]`` fills in as each row streams and ends."""
 
-    def __init__(self, pieces: Iterator[tuple[int, str]], replies: list[Reply]):
+    def __init__(self, pieces: Iterator[tuple[int, str]], replies: list[AlignedText]):
         self._pieces, self.replies = pieces, replies
 
     def __iter__(self) -> "StreamedBatch":
@@ -298,7 +299,7 @@ class StreamedBatch:
 class Aligner:
     """Makes a base LM answer like an aligned assistant, with the prompt from ``prompts/align-<variant>.yaml``.
 
-    The aligner holds no per-request state: every call builds its own cleaner and `Reply`, so concurrent chats can share
+    The aligner holds no per-request state: every call builds its own cleaner and `AlignedText`, so concurrent chats can share
     one instance.
 
     Args:
@@ -410,16 +411,16 @@ class Aligner:
         replies = []
         for messages in conversations:
             rendered, dropped = self._render(messages, max_new_tokens=max_new)
-            replies.append(Reply(rendered, max_new, dropped_turns=dropped))
+            replies.append(AlignedText(rendered, max_new, dropped_turns=dropped))
         return StreamedBatch(self._stream_batch(replies, sampling, max_new), replies)
 
     def _one(self, messages, overrides, note: str = "", answer_start: str = "") -> Streamed:
         sampling, max_new = self.sampling(overrides)
         rendered, dropped = self._render(messages, note, answer_start, max_new)
-        reply = Reply(rendered, max_new, refusal=bool(note), dropped_turns=dropped)
+        reply = AlignedText(rendered, max_new, refusal=bool(note), dropped_turns=dropped)
         return Streamed(self._stream(reply, sampling, max_new, answer_start), reply)
 
-    def _stream(self, reply: Reply, sampling: Sampling, max_new: int, answer_start: str) -> Iterator[str]:
+    def _stream(self, reply: AlignedText, sampling: Sampling, max_new: int, answer_start: str) -> Iterator[str]:
         cleaner = ReplyCleaner(self.prompt.stop)
         if answer_start:  # the answer's first words are part of the reply
             first = cleaner.feed(answer_start)
@@ -443,7 +444,7 @@ class Aligner:
         if out:
             yield out
 
-    def _stream_batch(self, replies: list[Reply], sampling: Sampling, max_new: int) -> Iterator[tuple[int, str]]:
+    def _stream_batch(self, replies: list[AlignedText], sampling: Sampling, max_new: int) -> Iterator[tuple[int, str]]:
         cleaners = [ReplyCleaner(self.prompt.stop) for _ in replies]
         prefix = self.answer_prefix
         pieces = self.lm.generate_batch([r.prompt.text for r in replies], stop=self.prompt.stop,
@@ -465,7 +466,7 @@ class Aligner:
             if replies[row].finish is None:
                 yield from self._close(row, c, replies[row], max_new)
 
-    def _close(self, row: int, cleaner: ReplyCleaner, reply: Reply, max_new: int) -> Iterator[tuple[int, str]]:
+    def _close(self, row: int, cleaner: ReplyCleaner, reply: AlignedText, max_new: int) -> Iterator[tuple[int, str]]:
         out = cleaner.finish()
         reply.text = cleaner.text
         reply.finish = self._finish_reason(cleaner, max_new)
