@@ -1,6 +1,7 @@
 """Serving shares the model: `load_lm` returns an LM whose concurrent `generate` calls run in one continuous batch
 (app/lm/batching.py), each getting exactly what it would get alone -- text, stop cuts and stats -- while scoring from
-other threads goes on, a reader that leaves frees its row, and a failing row fails alone. On the tiny model, on CPU.
+other threads goes on, a reader that leaves frees its row, and a failing row fails alone (a failed forward pass fails
+the rows that shared it, and serving goes on). On the tiny model, on CPU.
 
 The solo reference is the wrapped `TransformersLM` itself (``lm.inner``), called while nothing else runs.
 """
@@ -132,6 +133,23 @@ def test_a_failing_row_fails_alone(lm):
     assert isinstance(got[1], LMError) and "probability" in str(got[1])  # a temperature too small to sample with
     assert got[2:] == expected
     assert complete(lm, JOBS[3][0], max_new_tokens=12) == expected[1][0]  # the scheduler serves on
+
+
+def test_a_failed_forward_fails_the_rows_that_shared_it_and_serving_goes_on(lm, monkeypatch):
+    real, steps = lm.runner.forward, []
+
+    def failing(ids, *args, **kw):
+        if ids.shape == (3, 1):  # a decode step of the three-row batch
+            steps.append(1)
+            if len(steps) == 4:
+                raise RuntimeError("out of memory (simulated)")
+        return real(ids, *args, **kw)
+
+    monkeypatch.setattr(lm.runner, "forward", failing)
+    got = run_together(lm, [client(lm, p, prefix=x, max_new_tokens=30) for p, x, _ in JOBS[:3]])
+    assert all(isinstance(g, LMError) and "simulated" in str(g) for g in got)
+    monkeypatch.undo()
+    assert complete(lm, JOBS[3][0], max_new_tokens=12) == solo(lm, JOBS[3][0], max_new_tokens=12)[0]
 
 
 def test_scoring_from_other_threads_while_chats_decode(lm):

@@ -159,19 +159,35 @@ class BatchScheduler:
 
     # --------------------------------------------------------------------------------------- scheduler side
     def _loop(self) -> None:
-        while True:
-            if not self._take():
-                return
-            try:
-                self._admit()
-                if self._rows:
-                    self._step()
-            except Exception as exc:  # a failed batched forward fails every running row, never the scheduler
-                log.exception("batched generation failed")
-                err = exc if isinstance(exc, LMError) else LMError(f"the model failed while generating: {exc}")
-                for row in self._rows:
-                    row.req.sink.put((row.req.tag, err))
-                self._reset()
+        try:
+            while self._take():
+                try:
+                    self._admit()
+                    if self._rows:
+                        self._step()
+                except Exception as exc:  # a failed batched forward fails every running row, never the scheduler
+                    log.exception("batched generation failed")
+                    self._fail_all(exc, waiting=False)
+        except BaseException as exc:  # the loop itself broke: nobody may wait for an answer that never comes
+            log.exception("the batch scheduler stopped")
+            with self._lock:  # whatever is queued now fails too; a later submit starts a fresh thread
+                self._thread = None
+                while not self._queue.empty():
+                    item = self._queue.get_nowait()
+                    if item is not _CLOSE:
+                        self._waiting.append(item)
+            self._fail_all(exc, waiting=True)
+            raise
+
+    def _fail_all(self, exc: BaseException, waiting: bool) -> None:
+        err = exc if isinstance(exc, LMError) else LMError(f"the model failed while generating: {exc}")
+        for row in self._rows:
+            row.req.sink.put((row.req.tag, err))
+        self._reset()
+        if waiting:
+            for req in self._waiting:
+                req.sink.put((req.tag, err))
+            self._waiting.clear()
 
     def _take(self) -> bool:
         """Move queued requests to the waiting line (blocking while there is nothing to do). False: exit now."""
@@ -188,11 +204,7 @@ class BatchScheduler:
                         return False
                 continue
             if item is _CLOSE:
-                closed = LMError("the batch scheduler was closed")
-                for req in [r.req for r in self._rows] + list(self._waiting):
-                    req.sink.put((req.tag, closed))
-                self._waiting.clear()
-                self._reset()
+                self._fail_all(LMError("the batch scheduler was closed"), waiting=True)
                 return False
             self._waiting.append(item)
             idle = False
@@ -204,14 +216,18 @@ class BatchScheduler:
             if req.cancelled.is_set():
                 continue
             try:
-                self._join(req)
-            except Exception as exc:  # this request only: the batch is untouched until the merge
+                joining = self._prefill(req)
+            except Exception as exc:  # this request only: the batch is untouched
                 if not isinstance(exc, LMError):
                     log.exception("prefill failed")
                 req.sink.put((req.tag, exc if isinstance(exc, LMError) else LMError(f"the model failed: {exc}")))
+                continue
+            if joining is not None:
+                self._join(*joining)
 
-    def _join(self, req: Request) -> None:
-        """Prefill one request alone (prefix from the cache), stream its first token, merge its KV into the batch."""
+    def _prefill(self, req: Request):
+        """Prefill one request alone (prefix from the cache) and stream its first token. Returns (row, its batch-1
+        cache) to join the batch, or None when the request is already over."""
         lm = self.lm
         ids, prefix_len = lm.encode(req.prompt, req.prefix)
         room = lm.context_length - len(ids)
@@ -221,16 +237,24 @@ class BatchScheduler:
         row = _Row(req, stream, generator_for(req.sampling), len(ids))
         if stream.done:
             self._finish(row)
-            return
+            return None
         cache, logits = self.runner.prefill(ids, prefix_len)  # cache: batch 1, len(ids) slots; logits [V]
         self._advance(row, choose_one(logits, stream.generated, req.sampling, row.rng))
         if stream.done or req.cancelled.is_set():
             self._finish(row)
-            return
+            return None
+        return row, cache
+
+    def _join(self, row: _Row, cache) -> None:
+        """Merge a prefilled row's KV into the running batch (left-padding the shorter side)."""
         if not self._rows:
-            self._cache, self._mask = cache, torch.ones(1, len(ids), dtype=torch.long)
+            self._cache, self._mask = cache, torch.ones(1, row.pos, dtype=torch.long)
         else:
-            self._cache, self._mask = _merge(self._cache, self._mask, cache, len(ids))
+            try:
+                self._cache, self._mask = _merge(self._cache, self._mask, cache, row.pos)
+            except Exception as exc:  # the batch may be half merged: the loop fails every row; this one too
+                row.req.sink.put((row.req.tag, LMError(f"the model failed while generating: {exc}")))
+                raise
         self._rows.append(row)
         self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
 
