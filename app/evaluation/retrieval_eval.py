@@ -58,7 +58,7 @@ def kb_recall(records: Sequence[dict], limit: int | None, embedder, k: int = 5,
     """Recall@k of the gold knowledge sentence, per search mode, over a KB made of every record's knowledge."""
     from retrievers.kb import KnowledgeBase
 
-    from ..db import open_db
+    from retrievers.db import open_db
 
     passages = sorted({s for r in records for turn in (r.get("meta") or []) for s in _sentences(turn)})
     queries = kb_queries(records, limit)
