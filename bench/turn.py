@@ -165,7 +165,7 @@ def free_port() -> int:
 class InProcessServer:
     """The real app (model, skills, selector, retrievers, API, web chat) served by uvicorn in a thread."""
 
-    def __init__(self, model: str | None, data_dir: str | None, triples: list):
+    def __init__(self, model: str | None, data_dir: str | None, triples: list, warm: str = "now"):
         from app.lm import load_lm
         from app.server import build_app, build_bot
         from app.settings import Settings
@@ -186,7 +186,12 @@ class InProcessServer:
         self.bot = build_bot(self.settings, lm=lm)
         if triples:
             self.bot.knowledge.kg.add(triples, source="bench/conversations.yaml")
-        app = build_app(self.settings, bot=self.bot)
+        import inspect
+
+        if "warm" in inspect.signature(build_app).parameters:  # servers that warm their prompt caches at start
+            app = build_app(self.settings, bot=self.bot, warm=warm)
+        else:
+            app = build_app(self.settings, bot=self.bot)
         import uvicorn
 
         self.port = free_port()
@@ -596,6 +601,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sweep-seconds", type=float, default=None,
                     help="instead of --sweep-turns: each sweep client plays for this many seconds")
     ap.add_argument("--no-warmup", action="store_true", help="skip the one unmeasured warm-up turn")
+    ap.add_argument("--warm", choices=["now", "background", "off"], default="now",
+                    help="the in-process server's prompt-cache warming at start, where build_app has it (default "
+                         "now: turns are measured on a warmed server; off: quicker start for plumbing runs)")
     ap.add_argument("--note", action="append", default=[],
                     help="a note to print with the results (repeatable), e.g. what else was running")
     ap.add_argument("--json", action="store_true", help="print one JSON object (progress still goes to stderr)")
@@ -632,7 +640,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             say("[turn] starting the server in this process …")
             t0 = time.perf_counter()
-            server = InProcessServer(args.model, args.data_dir, triples)
+            server = InProcessServer(args.model, args.data_dir, triples, warm=args.warm)
             startup_s = time.perf_counter() - t0
             url, model = server.url, server.model
             say(f"[turn] serving on {url} after {startup_s:.1f} s")
@@ -668,7 +676,7 @@ def main(argv: list[str] | None = None) -> None:
     turn = [r["turn"] for r in ok]
     res: dict = {
         "model": model, "server": url if args.url else "in-process", "machine": info, "code": code_version(),
-        "startup_s": startup_s, "max_tokens": args.max_tokens, "repeat": args.repeat, "turns": len(results),
+        "startup_s": startup_s, "warm": None if args.url else args.warm, "max_tokens": args.max_tokens, "repeat": args.repeat, "turns": len(results),
         "ok": len(ok),
         "errors": dict(Counter(r["error"] for r in results if not r["ok"])), "typed_wall_s": typed_s,
         "ttft_median_s": median(ttft), "ttft_p90_s": pct(ttft, 90), "ttft_max_s": max(ttft) if ttft else None,
