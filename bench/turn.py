@@ -676,8 +676,8 @@ def main(argv: list[str] | None = None) -> None:
     turn = [r["turn"] for r in ok]
     res: dict = {
         "model": model, "server": url if args.url else "in-process", "machine": info, "code": code_version(),
-        "startup_s": startup_s, "warm": None if args.url else args.warm, "max_tokens": args.max_tokens, "repeat": args.repeat, "turns": len(results),
-        "ok": len(ok),
+        "startup_s": startup_s, "warm": None if args.url else args.warm, "max_tokens": args.max_tokens,
+        "repeat": args.repeat, "turns": len(results), "ok": len(ok),
         "errors": dict(Counter(r["error"] for r in results if not r["ok"])), "typed_wall_s": typed_s,
         "ttft_median_s": median(ttft), "ttft_p90_s": pct(ttft, 90), "ttft_max_s": max(ttft) if ttft else None,
         "turn_median_s": median(turn), "turn_p90_s": pct(turn, 90), "turn_max_s": max(turn) if turn else None,
