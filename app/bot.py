@@ -243,7 +243,7 @@ class Bot:
         else:
             fields: dict = {"dialogue": dialogue[-self.settings.history_turns:]}
             if user and chosen.retriever == "memory":
-                self.wait_for_memory(user)  # read your own writes: the last turn's facts are in before we search
+                self.wait_for_memory(user, timeout=3.0)  # read your own writes, briefly: the last turn's facts
             parsed = self._parse(chosen, dialogue, trace)
             query = dialogue[-1][0]
             if parsed is not None:
