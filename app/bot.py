@@ -258,7 +258,7 @@ class Bot:
                 fields.update(got.fields)
                 passages = [_passage_dict(p) for p in got.passages]
                 _step(trace, "retrieve", started, retriever=chosen.retriever, query=query, passages=passages,
-                      error=got.error)
+                      error=got.error, **got.note)
                 if got.error and chosen.retriever == "web":
                     notice = self.messages.get("web_search_failed", "")
             if chosen.aligned and self.aligner is not None:

@@ -1,5 +1,9 @@
 """Knowledge for a turn: the skill's retriever, asked with the parser's query, turned into the skill's prompt fields.
 
+Knowledge-base passages below the relevance floor (``KnowledgeBase.fusion.floor``, fitted per embedder by ``fsb eval
+retrieval``) are dropped: they reach neither the prompt nor the sources. With none left the skill answers without
+knowledge, and :attr:`Retrieved.note` (written into the turn trace's retrieve step) says how many were dropped and why.
+
 Retrieved text is data, never instructions: every passage is neutralised before it reaches a prompt (folded onto one
 line so it cannot start a dialogue line or close a block, speaker and layout markers broken, length capped), and the
 skill templates put it under a labelled header, apart from the dialogue.
@@ -23,6 +27,8 @@ class Retrieved:
     fields: dict = field(default_factory=dict)
     passages: list[Passage] = field(default_factory=list)
     error: str | None = None
+    # for the trace: {"floor": 0.xx, "dropped_below_floor": N, "reason": "..."} when the floor applied
+    note: dict = field(default_factory=dict)
 
 
 def neutralise(text: str, markers: list[str], limit: int = 600) -> str:
@@ -48,9 +54,10 @@ class Knowledge:
     def fetch(self, retriever: str, query: str, user: str, markers: list[str]) -> Retrieved:
         if retriever == "none" or not query.strip():
             return Retrieved()
+        note: dict = {}
         try:
             if retriever == "kb":
-                passages = self.kb.search(query, k=self.k)
+                passages, note = self._above_floor(self.kb.search(query, k=self.k))
             elif retriever == "web":
                 passages = self.web.search(query, k=self.k)
             elif retriever == "kg":
@@ -63,7 +70,20 @@ class Knowledge:
             log.warning("retriever %s failed: %s", retriever, exc)
             return Retrieved(error=str(exc))
         texts = [neutralise(p.text, markers) for p in passages]
-        return Retrieved({FIELD_FOR[retriever]: texts}, passages)
+        return Retrieved({FIELD_FOR[retriever]: texts}, passages, note=note)
+
+    def _above_floor(self, passages: list[Passage]) -> tuple[list[Passage], dict]:
+        """The passages scoring at least the knowledge base's relevance floor, and what the trace should say."""
+        floor = self.kb.fusion.floor
+        if floor is None:
+            return passages, {}
+        kept = [p for p in passages if p.score >= floor]
+        note: dict = {"floor": floor}
+        if len(kept) < len(passages):
+            note["dropped_below_floor"] = len(passages) - len(kept)
+            if not kept:
+                note["reason"] = f"no passage above the relevance floor ({floor:.2f})"
+        return kept, note
 
     def remember(self, user: str, facts: list[str]) -> list:
         return self.memory.add(user, facts) if user and facts else []

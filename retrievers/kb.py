@@ -13,8 +13,11 @@ its own by its file name (``notes.md``), a file found in an added folder by its 
 own name included (``starter_kb/photosynthesis.md``). Sources, passage metadata and listings use the name, so no
 absolute server path ever reaches a reply, a trace or the API.
 
-Search fuses two rankings with reciprocal-rank fusion (score = sum of ``1 / (60 + rank)``): FTS5's BM25 over the
-query's words (each quoted, so user text is never parsed as FTS syntax) and the cosine similarity of embeddings.
+Search scores candidates from two sources: FTS5's BM25 over the query's content words (each quoted, so user text is
+never parsed as FTS syntax; stopwords dropped, words ORed) and the cosine similarity of embeddings. Hybrid search adds
+them (see :class:`Fusion`): ``cosine + bm25_weight * bm25 / (bm25 + bm25_half)``, an absolute score (not a rank), so a
+relevance floor can be set on it. The weights and the floor are fitted per embedder by ``fsb eval retrieval`` and
+shipped in :data:`FUSION_DEFAULTS`.
 """
 from __future__ import annotations
 
@@ -36,11 +39,67 @@ from .embed import Embedder, from_blobs, to_blob
 from .schema import ensure_schema
 from .text import SUPPORTED_SUFFIXES, chunk_blocks, kind_for, read_blocks, sniff_text
 
-RRF_K = 60
 EMBED_BATCH = 64
 MAX_QUERY_TERMS = 32
 
 Mode = Literal["hybrid", "bm25", "dense"]
+
+# Words dropped from BM25 queries: function words and chit-chat fillers ("hi", "yeah", "really"), which match
+# everything and so only add noise to the ranking (and let small talk match documents by its filler words).
+STOPWORDS = frozenset("""
+a about above after again against all also am an and any are as at be been being below between both but by can
+could d did didn do does doing don down during each else few for from further get gets going gonna got had has have
+having he hello her here hers herself hey hi him himself his how i if in into is it its itself just know let like ll
+lol lot lots m many me might more most much must my myself no nor not now of off oh ok okay on once only or other our
+ours ourselves out over own re really s same shall she should so some such t than that the their theirs them
+themselves then there these they thing things think this those through to too under until up us ve very want was we
+well were what when where which while who whom whose why will with would yeah yes you your yours yourself yourselves
+""".split())
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How hybrid search scores a passage, and below which score a passage counts as not relevant.
+
+    ``score = (1 - bm25_weight) * cosine + bm25_weight * bm25 / (bm25 + bm25_half)``: the cosine of the embeddings
+    (-1..1) and BM25 squashed to 0..1 (``bm25_half`` is the BM25 score that counts half; 0 for a passage sharing no
+    word with the query). Both parts are absolute, not ranks, so a score means the same from one query to the next and
+    ``floor`` can be compared with it (``None``: no floor). ``bm25_weight`` 0 ranks by embeddings alone, 1 by BM25.
+    """
+
+    bm25_weight: float
+    bm25_half: float
+    floor: float | None = None
+
+    def score(self, cosine: float | None, bm25: float | None) -> float:
+        lexical = bm25 / (bm25 + self.bm25_half) if bm25 and bm25 > 0 else 0.0
+        return (1.0 - self.bm25_weight) * (cosine or 0.0) + self.bm25_weight * lexical
+
+
+# Fitted by `fsb eval retrieval --no-parsers [--embedder hashing]` (app/evaluation/retrieval_eval.py): the
+# Wizard-of-Wikipedia validation split (../shared/data/fsb/wow/valid.json); the corpus is every knowledge sentence of
+# the split (2,799) plus the starter KB (11 passages); each query is the user's turn, as the bot sends it; the first
+# 400 queries are split in halves with seed 15. On the fit half (200 queries): the grid point (bm25_weight 0..1 in
+# steps of 0.05, bm25_half 5/10/20) with the best recall@5, and the floor that 95% of the gold passages found in the
+# top 5 score above. Measured on the other half (200 queries), recall@5:
+#   all-MiniLM-L6-v2: hybrid 0.400, BM25 alone 0.260, embeddings alone 0.385 (fit half: 0.410 / 0.265 / 0.380);
+#                     with the floor 0.390, and 10% of the queries keep no passage.
+#   hashing-256:      hybrid 0.260, BM25 alone 0.260, embeddings alone 0.040 (fit half: 0.285 / 0.265 / 0.060).
+# Small talk finds nothing above MiniLM's floor in the starter KB, real questions do (tests/retrievers/test_relevance.py).
+# The hashing stand-in ships no floor: its fused score is mostly BM25, whose scale collapses in a knowledge base of a
+# few documents (FTS5's IDF is ~0 for a word found in every document), so a floor fitted on 2,810 passages would drop
+# the one relevant document of a small test KB.
+FUSION_DEFAULTS: dict[str, Fusion] = {
+    "all-MiniLM-L6-v2": Fusion(bm25_weight=0.15, bm25_half=10.0, floor=0.31),
+    "hashing-256": Fusion(bm25_weight=0.7, bm25_half=20.0, floor=None),  # fitted floor 0.22, not shipped (above)
+}
+# An embedder without a fitted entry: MiniLM's weights, and no floor (cosines of another model have another scale).
+FALLBACK_FUSION = Fusion(bm25_weight=0.15, bm25_half=10.0, floor=None)
+
+
+def default_fusion(embedder_name: str) -> Fusion:
+    """The shipped fusion weights and relevance floor for an embedder (see :data:`FUSION_DEFAULTS`)."""
+    return FUSION_DEFAULTS.get(embedder_name, FALLBACK_FUSION)
 
 
 @dataclass(frozen=True)
@@ -67,12 +126,14 @@ class KBDoc:
     embedder: str
 
 
-def fts_query(text: str) -> str:
-    """An FTS5 MATCH expression that ORs the words of ``text``, each quoted: safe for any user input ("" if none)."""
+def fts_query(text: str, stopwords: frozenset[str] = frozenset()) -> str:
+    """An FTS5 MATCH expression that ORs the words of ``text`` (less ``stopwords``), each quoted: safe for any user
+    input ("" if none)."""
     words = re.findall(r"\w+", text.casefold())
     seen: dict[str, None] = {}
     for w in words:
-        seen.setdefault(w, None)
+        if w not in stopwords:
+            seen.setdefault(w, None)
     terms = list(seen)[:MAX_QUERY_TERMS]
     return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
 
@@ -127,6 +188,8 @@ class KnowledgeBase(LangChainRetrievable):
         embedder: anything with ``name``, ``dim`` and ``encode``; usually :func:`retrievers.embed.default_embedder`.
         target_words / max_words / overlap_words: passage sizes, in words.
         max_file_bytes: larger files are refused.
+        fusion: hybrid search's weights and relevance floor; by default the ones fitted for this embedder
+            (:func:`default_fusion`).
 
     Example:
         >>> kb = KnowledgeBase(open_db(None), HashingEmbedder())
@@ -147,9 +210,11 @@ class KnowledgeBase(LangChainRetrievable):
         max_words: int = 200,
         overlap_words: int = 30,
         max_file_bytes: int = 256 * 1024 * 1024,
+        fusion: Fusion | None = None,
     ):
         self.db = db
         self.embedder = embedder
+        self.fusion = fusion or default_fusion(embedder.name)
         self.target_words = target_words
         self.max_words = max_words
         self.overlap_words = overlap_words
@@ -326,36 +391,26 @@ class KnowledgeBase(LangChainRetrievable):
 
     # -- search ---------------------------------------------------------------------------------------------------
 
-    def search(self, query: str, k: int = 5, mode: Mode = "hybrid") -> list[Passage]:
+    def search(self, query: str, k: int = 5, mode: Mode = "hybrid", fusion: Fusion | None = None) -> list[Passage]:
         """The ``k`` passages that best answer ``query``.
 
         Args:
             query: free text; any characters are safe.
             k: how many passages at most.
-            mode: "hybrid" (BM25 and embeddings fused by reciprocal rank), "bm25" or "dense" (for evaluation).
+            mode: "hybrid" (BM25 and embeddings, scored by ``fusion``), "bm25" or "dense" (for evaluation).
+            fusion: overrides the knowledge base's :class:`Fusion` for this call.
+
+        A passage's ``score`` is the fused score (hybrid), the BM25 score (bm25) or the cosine (dense); the floor is
+        not applied here (``fusion.floor`` is for the caller: see ``app.knowledge``).
         """
         if not query or not query.strip() or k <= 0:
             return []
         if mode not in ("hybrid", "bm25", "dense"):
             raise ValueError(f"mode must be hybrid, bm25 or dense, not {mode!r}")
-        depth = max(k * 4, 50)
-        lexical = self._bm25(query, depth) if mode in ("hybrid", "bm25") else []
-        dense = self._dense(query, depth) if mode in ("hybrid", "dense") else []
-        if mode == "bm25":
-            scored = [(cid, -s) for cid, s in lexical]
-        elif mode == "dense":
-            scored = dense
-        else:
-            fused: dict[int, float] = {}
-            for ranking in (lexical, dense):
-                for rank, (cid, _) in enumerate(ranking, start=1):
-                    fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + rank)
-            scored = sorted(fused.items(), key=lambda x: (-x[1], x[0]))
-        top = scored[:k]
+        found = self.candidates(query, max(k * 4, 50), mode)
+        top = found.ranked(mode, fusion or self.fusion)[:k]
         if not top:
             return []
-        bm25_rank = {cid: r for r, (cid, _) in enumerate(lexical, start=1)}
-        dense_score = dict(dense)
         ids = [cid for cid, _ in top]
         rows = {
             r["id"]: r
@@ -363,37 +418,67 @@ class KnowledgeBase(LangChainRetrievable):
                 f"SELECT id, title, text, source, meta FROM kb_chunks WHERE id IN ({','.join('?' * len(ids))})", ids
             )
         }
+        bm25_rank = {cid: r for r, cid in enumerate(found.bm25_order, start=1)}
         out = []
         for cid, score in top:
             row = rows[cid]
             meta = json.loads(row["meta"])
             if cid in bm25_rank:
                 meta["bm25_rank"] = bm25_rank[cid]
-            if cid in dense_score:
-                meta["cosine"] = round(float(dense_score[cid]), 4)
+            if cid in found.cosine:
+                meta["cosine"] = round(float(found.cosine[cid]), 4)
             out.append(Passage(row["text"], row["source"], float(score), row["title"], meta))
         return out
 
-    def _bm25(self, query: str, limit: int) -> list[tuple[int, float]]:
-        match = fts_query(query)
-        if not match:
-            return []
+    def candidates(self, query: str, depth: int = 50, mode: Mode = "hybrid") -> "Candidates":
+        """The passages worth scoring for ``query``, with both of their scores (what :meth:`search` ranks).
+
+        The ``depth`` best by BM25 and the ``depth`` best by cosine; in hybrid mode every candidate gets both its
+        BM25 score (0 when it shares no word with the query) and its cosine, so the fused score is exact.
+        """
+        bm25: dict[int, float] = {}
+        cosine: dict[int, float] = {}
+        bm25_order: list[int] = []
+        dense_order: list[int] = []
+        match = fts_query(query, STOPWORDS) if mode in ("hybrid", "bm25") else ""
+        if match:
+            for cid, s in self._bm25(match, depth):
+                bm25[cid] = s
+                bm25_order.append(cid)
+        if mode in ("hybrid", "dense"):
+            ids, sims = self._cosines(query)
+            if len(ids):
+                for i in np.argsort(-sims, kind="stable")[:depth]:
+                    cosine[int(ids[i])] = float(sims[i])
+                    dense_order.append(int(ids[i]))
+                if mode == "hybrid":
+                    pos = np.searchsorted(ids, bm25_order)
+                    for cid, p in zip(bm25_order, pos):
+                        if p < len(ids) and ids[p] == cid:
+                            cosine.setdefault(cid, float(sims[p]))
+                    unscored = [cid for cid in dense_order if cid not in bm25]
+                    if match and unscored:
+                        bm25.update(self._bm25(match, len(unscored), unscored))
+        return Candidates(bm25, cosine, bm25_order, dense_order)
+
+    def _bm25(self, match: str, limit: int, among: list[int] | None = None) -> list[tuple[int, float]]:
+        """(passage id, BM25 score, higher is better), best first, for an FTS5 MATCH expression."""
+        only = f" AND c.id IN ({','.join('?' * len(among))})" if among else ""
         rows = self.db.execute(
             "SELECT c.id, bm25(kb_chunks_fts) AS s FROM kb_chunks_fts "
             "JOIN kb_chunks c ON c.id = kb_chunks_fts.rowid JOIN kb_docs d ON d.id = c.doc_id "
-            "WHERE kb_chunks_fts MATCH ? AND d.state = 'ready' ORDER BY s LIMIT ?",
-            [match, limit],
+            f"WHERE kb_chunks_fts MATCH ? AND d.state = 'ready'{only} ORDER BY s LIMIT ?",
+            [match, *(among or []), limit],
         ).fetchall()
-        return [(r[0], r[1]) for r in rows]
+        return [(r[0], -r[1]) for r in rows]
 
-    def _dense(self, query: str, limit: int) -> list[tuple[int, float]]:
+    def _cosines(self, query: str) -> tuple[np.ndarray, np.ndarray]:
+        """Every ready passage's id (ascending) and its cosine with ``query``."""
         ids, matrix = self._embeddings()
         if not len(ids):
-            return []
+            return ids, np.zeros(0, dtype=np.float32)
         q = self.embedder.encode([query])[0]
-        sims = matrix @ q
-        top = np.argsort(-sims, kind="stable")[:limit]
-        return [(int(ids[i]), float(sims[i])) for i in top]
+        return ids, matrix @ q
 
     def _embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         """All ready passages' ids and embeddings from this embedder, cached until the knowledge base changes."""
@@ -414,3 +499,23 @@ class KnowledgeBase(LangChainRetrievable):
             self._matrix = (ids, from_blobs([r[1] for r in rows], self.embedder.dim))
             self._matrix_key = key
         return self._matrix
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """A query's candidate passages (by id) and their scores: what one search ranks, in any mode or fusion."""
+
+    bm25: dict[int, float]  # BM25 score (higher is better; absent: no word in common)
+    cosine: dict[int, float]
+    bm25_order: list[int]  # best first, by BM25
+    dense_order: list[int]  # best first, by cosine
+
+    def ranked(self, mode: Mode, fusion: Fusion) -> list[tuple[int, float]]:
+        """(passage id, score), best first; ties broken by id."""
+        if mode == "bm25":
+            return [(cid, self.bm25[cid]) for cid in self.bm25_order]
+        if mode == "dense":
+            return [(cid, self.cosine[cid]) for cid in self.dense_order]
+        fused = {cid: fusion.score(self.cosine.get(cid), self.bm25.get(cid))
+                 for cid in dict.fromkeys(self.bm25_order + self.dense_order)}
+        return sorted(fused.items(), key=lambda x: (-x[1], x[0]))
