@@ -17,6 +17,7 @@ always produces text of the requested length. What each figure is:
     ttft_uncached_ms   time to first token, 1,500-token prompt, nothing cached
     ttft_cached_ms     time to first token, the same prompt as a cached 1,400-token prefix + a 100-token suffix
     aggregate_tok_s    {chats: generated tokens / wall time} with that many concurrent chats through `BatchedLM`
+                       (as served: a free fast path takes one of them, the rest share the running batch)
 """
 from __future__ import annotations
 
@@ -201,13 +202,14 @@ def bench_shape(shape: str, args, device: str, gbps: float) -> dict:
 
 
 def bench_embedded(args) -> dict:
-    """The embedded gemma-3-270m on this machine's CPU through the ordinary backend (issue on the skeleton)."""
+    """The embedded gemma-3-270m on this machine's CPU: one stream through the plain backend, chats as served."""
     from app.lm import load_lm
     from app.lm.batching import BatchedLM
     from app.settings import Settings
 
-    lm = load_lm(Settings.load(env={}))
-    batched = BatchedLM(lm, max_batch=max(args.concurrency))
+    served = load_lm(Settings.load(env={}))  # a BatchedLM unless batching is turned off
+    lm = getattr(served, "inner", served)
+    batched = served if served is not lm else BatchedLM(lm, max_batch=max(args.concurrency))
     try:
         row = {"model": "embedded gemma-3-270m (CPU, transformers)"}
         row.update(run_lm(lm, single=lm, batched=batched, tokens=args.tokens, concurrency=args.concurrency,
