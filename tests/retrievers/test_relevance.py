@@ -151,3 +151,24 @@ def test_small_talk_finds_nothing_above_the_floor_in_the_starter_kb(starter, mes
 def test_real_questions_find_their_document_above_the_floor(starter, question, doc):
     top = starter.search(question, k=3)[0]
     assert top.meta["doc"] == f"starter_kb/{doc}" and top.score >= starter.fusion.floor, (question, top)
+
+
+def test_the_evaluation_fits_on_one_half_and_reports_on_the_other():
+    from app.evaluation.retrieval_eval import MIN_SPLIT, kb_recall, split_halves
+
+    fit, report = split_halves(41)
+    assert (len(fit), len(report)) == (20, 21) and not set(fit) & set(report) and split_halves(41) == (fit, report)
+    words = ["owl", "kiwi", "zebra", "otter", "lynx", "bison", "heron", "moose", "gecko", "tapir", "koala", "llama",
+             "panda", "camel", "eagle", "viper", "squid", "whale", "raven", "hyena", "lemur", "stoat", "finch", "okapi"]
+    records = [{"meta": [[f"The {w} is an animal with a {w}-shaped habitat."]],
+                "dialogue": [[f"Do you know anything about the {w}?", "Yes."]]} for w in words]
+    out = kb_recall(records, None, HashingEmbedder(), starter_kb=True)
+    assert (out["n"], out["fit_n"], out["report_n"], out["split_seed"]) == (24, 12, 12, 15)
+    assert out["passages"] == 24 and out["starter_passages"] >= 9
+    assert out["fusion"]["fitted"] and 0 <= out["fusion"]["bm25_weight"] <= 1 and out["fusion"]["floor"] is not None
+    for key in ("kb_recall_at_5", "kb_recall_at_5_bm25", "kb_recall_at_5_dense"):
+        assert 0 <= out[key] <= 1 and 0 <= out[f"{key}_fit"] <= 1
+    assert out["kb_recall_at_5"] == 1.0  # each question names its animal
+    few = kb_recall(records[: MIN_SPLIT - 1], None, HashingEmbedder())  # too few to fit: shipped fusion, all queries
+    assert (few["fit_n"], few["report_n"], few["fusion"]["fitted"]) == (0, MIN_SPLIT - 1, False)
+    assert "kb_recall_at_5_fit" not in few and few["starter_passages"] == 0
