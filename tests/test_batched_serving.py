@@ -17,7 +17,7 @@ from app.settings import Settings
 
 SHOTS = "".join(f"Persona Information:\nI like {x}.\nDialogue:\nUser: hi\nAssistant: hello, I like {x}.\n\n"
                 for x in ("cats", "boats", "bread"))
-JOBS = [  # (prompt, prefix, max_new_tokens): different lengths, prefixes (longer than the 16-slot window, shorter, none)
+JOBS = [  # (prompt, prefix, max_new_tokens): lengths differ; prefixes longer than the 16-slot window, shorter, none
     (SHOTS + "Dialogue:\nUser: what do you like?\nAssistant:", SHOTS, 40),
     (SHOTS + "Dialogue:\nUser: do you sail?\nAssistant:", SHOTS, 23),
     ("User: hi\nAssistant: hello\nUser: bye\nAssistant:", "User: hi\n", 31),

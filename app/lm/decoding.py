@@ -38,7 +38,7 @@ class ModelRunner:
         return self.model.get_input_embeddings().weight.device
 
     def forward(self, ids: torch.Tensor, cache=None, mask=None, positions=None, keep: int = 1):
-        """(cache, logits) after feeding ``ids`` [B, L] on top of ``cache``; ``keep`` last positions' logits (0: all)."""
+        """(cache, logits) after feeding ``ids`` [B, L] on ``cache``; logits of the last ``keep`` positions (0: all)."""
         with self.lock, torch.inference_mode():
             out = self.model(
                 input_ids=ids.to(self.device),
