@@ -75,7 +75,7 @@ class Settings:
     max_messages: int = 200
     max_request_bytes: int = 1_000_000
     max_tokens: int = 1024  # cap on any request's max_tokens
-    max_active: int = 4  # turns generating at once (they interleave token by token)
+    max_active: int = 8  # turns generating at once (their decode steps share one forward pass: continuous batching)
     max_waiting: int = 16  # turns queued behind them; beyond that: 429 with Retry-After
     queue_timeout: int = 30  # seconds a queued turn waits for a slot; beyond that: 503 with Retry-After
     rate_limit: int = 0  # requests a minute per client (API key user, else address) on the generating routes; 0 = off
