@@ -161,10 +161,11 @@ def local_server(model: str | None):
     server = subprocess.Popen([sys.executable, "server.py", "--port", str(port)], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 300
-        while True:
+        deadline = time.time() + 900
+        while True:  # up, and its prompt caches warm (the load is measured on a server in its steady state)
             try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                health = httpx.get(url + "/healthz", timeout=1)
+                if health.status_code == 200 and health.json().get("warm", {}).get("ready", True):
                     break
             except httpx.TransportError:
                 pass
