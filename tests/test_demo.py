@@ -54,7 +54,11 @@ def test_the_scripted_conversation(demo_server, engines):
     memories = client.get("/api/memory", params={"user": "dana"}).json()
     biscuit = [m for m in memories if "biscuit" in m["text"].lower()]
     assert biscuit, memories
-    assert any("biscuit" in f.lower() for f in fact["trace"]["steps"][-1]["facts"])
+    demo_server.bot.wait_for_memory("dana")  # extraction runs after the reply; its step joins the stored trace
+    stored = client.get(f"/api/sessions/{sid}").json()["messages"]
+    remember = [s for s in stored[3]["trace"]["steps"] if s["step"] == "remember"]
+    assert stored[3]["content"] == fact["reply"] and remember
+    assert any("biscuit" in f.lower() for f in remember[0]["facts"])
     # 4. ... and comes back two turns later in the memory-chat skill's sources
     assert recall["skill"] == "msc"
     assert f"memory:{biscuit[0]['id']}" in [s["source"] for s in recall["sources"]]
