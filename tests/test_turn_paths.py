@@ -27,24 +27,12 @@ def test_a_safety_skill_hands_the_reply_to_the_alignment_layers_refusal(settings
     assert reply.skill == "safety-topic"
 
 
-class ScriptedFacts:
+def ScriptedFacts(lm, facts: str, label: str):
     """The tiny model, except that the persona-extraction parser's answer is scripted (its prompt ends with the
     parser's output label), so the memory path can be checked word for word."""
+    from tests.test_parsers import ScriptedParser
 
-    def __init__(self, lm, facts: str, label: str):
-        self._lm, self.facts, self.label = lm, facts, label
-        self.name, self.context_length = lm.name, lm.context_length
-        self.prompts: list[str] = []
-
-    def __getattr__(self, name):
-        return getattr(self._lm, name)
-
-    def generate(self, prompt, **kw):
-        self.prompts.append(prompt)
-        if prompt.endswith(self.label):
-            yield " " + self.facts
-            return
-        yield from self._lm.generate(prompt, **kw)
+    return ScriptedParser(lm, label, facts)
 
 
 def test_facts_the_user_reveals_are_remembered_and_come_back_in_the_memory_skill(settings, tiny_lm):
