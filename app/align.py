@@ -64,6 +64,8 @@ class Refusal(BaseModel):
     model_config = ConfigDict(extra="forbid")
     note: str = Field(min_length=1)  # Jinja over {{ reason }}
     answer_start: str = ""
+    # Jinja over {{ concern }} and {{ offer }}: follows answer_start when the safety skill has its own refusal
+    skill_start: str = ""
 
 
 class AlignPrompt(BaseModel):
@@ -103,6 +105,13 @@ class AlignPrompt(BaseModel):
 
     def refusal_note_for(self, reason: str) -> str:
         return _compile(self.refusal.note).render(reason=reason).strip("\n")
+
+    def refusal_start_for(self, concern: str = "", offer: str = "") -> str:
+        """The refusal's first words: ``answer_start``, then, given a safety skill's concern and offer,
+        ``skill_start`` over them."""
+        if not concern or not self.refusal.skill_start:
+            return self.refusal.answer_start
+        return self.refusal.answer_start + _compile(self.refusal.skill_start).render(concern=concern, offer=offer)
 
     @property
     def prefix(self) -> str:
@@ -159,17 +168,20 @@ def _check(p: AlignPrompt, lines: dict) -> None:
     at = lambda *loc: _line_for(lines, loc)  # noqa: E731
     if p.name != Path(p.path).stem:
         raise AlignError(f"name {p.name!r} must match the file name {Path(p.path).stem!r}", p.path, at("name"))
-    for key in ("exchange", "refusal.note"):
+    templates = {"exchange": p.exchange, "refusal.note": p.refusal.note, "refusal.skill_start": p.refusal.skill_start}
+    for key, template in templates.items():
         try:
-            _compile(p.exchange if key == "exchange" else p.refusal.note)
+            _compile(template)
         except jinja2.TemplateSyntaxError as exc:
             raise AlignError(f"{key}: {exc.message}", p.path, at(*key.split("."))) from None
     try:
         sample = p.render_exchange("Q", "A")
         p.refusal_note_for("a reason")
+        p.refusal_start_for("a concern", "an offer")
     except jinja2.UndefinedError as exc:
         raise AlignError(f"a template uses an unknown variable ({exc.message}); exchange: may use query, answer "
-                         f"and note, refusal.note may use reason", p.path, at("exchange")) from None
+                         f"and note, refusal.note may use reason, refusal.skill_start concern and offer", p.path,
+                         at("exchange")) from None
     if OPEN in sample or "Q" not in sample:
         raise AlignError("exchange: must show {{ query }} and {{ answer }}", p.path, at("exchange"))
     after = sample[sample.rindex("A"):]
@@ -329,6 +341,7 @@ class Aligner:
         self.guarded = guarded
         self.answer_prefix = self.prompt.answer_prefix if guarded else self.prefix
         self._prefix_tokens = {p: lm.count_tokens(p) for p in {self.prefix, self.answer_prefix}}
+        self._skills = None  # the safety skills, read on the first refusal (`_safety_skill`)
 
     # ------------------------------------------------------------------------------------------- rendering
     def render(self, messages: Sequence[tuple[str, str]], note: str = "", answer_start: str = "") -> Rendered:
@@ -394,15 +407,36 @@ class Aligner:
         """
         return self._one(messages, sampling_overrides)
 
-    def refuse(self, messages: Sequence[tuple[str, str]], reason: str,
+    def refuse(self, messages: Sequence[tuple[str, str]], reason,
                sampling_overrides: dict[str, Any] | None = None) -> Streamed:
         """Stream a refusal in the assistant's own style, for a turn a safety skill flagged for ``reason``.
 
         The prompt file's ``refusal.note`` (naming the reason) is added to the open query and its ``answer_start``
-        opens the answer; the model writes the rest, so the refusal fits the conversation instead of being canned.
+        opens the answer. When the safety skill has its own ``refusal:`` (`app.skills.SafetyRefusal`), its concern and
+        offer follow in the layout of ``refusal.skill_start``, so each skill declines for its own reason and offers
+        its own alternative; the model writes the rest, so the refusal fits the conversation.
+
+        Args:
+            reason: the safety `Skill`, or its description (the bot passes the description; the skill is then
+                found among the safety skills in ``settings.skills_dir`` by that description), or any other text.
         """
-        note = self.prompt.refusal_note_for(reason)
-        return self._one(messages, sampling_overrides, note=note, answer_start=self.prompt.refusal.answer_start)
+        skill = reason if hasattr(reason, "description") else self._safety_skill(str(reason))
+        text = skill.description if skill is not None else str(reason)
+        own = getattr(skill, "refusal", None)
+        start = self.prompt.refusal_start_for(own.concern, own.offer) if own else self.prompt.refusal.answer_start
+        note = self.prompt.refusal_note_for(text)
+        return self._one(messages, sampling_overrides, note=note, answer_start=start)
+
+    def _safety_skill(self, description: str):
+        """The safety skill whose description is ``description`` (None when there is none)."""
+        if self._skills is None:
+            from .skills import SkillRegistry
+
+            folder = getattr(self.settings, "skills_dir", None)
+            if folder is None:
+                return None
+            self._skills = SkillRegistry(folder)
+        return next((s for s in self._skills.all(kind="safety") if s.description == description), None)
 
     def answer_batch(self, conversations: Sequence[Sequence[tuple[str, str]]],
                      sampling_overrides: dict[str, Any] | None = None) -> StreamedBatch:

@@ -48,6 +48,15 @@ class Speakers(BaseModel):
     bot: str = "Assistant"
 
 
+class SafetyRefusal(BaseModel):
+    """A safety skill's own refusal: what the assistant names as its concern and what it offers instead, both in its
+    own voice. The alignment layer opens the refusal with them (`app.align.Aligner.refuse`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    concern: str = Field(min_length=1)  # completes "I'm sorry, but I can't help with that, because ..."
+    offer: str = Field(min_length=1)  # the next sentence: what the assistant can do instead
+
+
 class Skill(BaseModel):
     """One skill file. Unknown keys are errors, so a typo never passes silently."""
 
@@ -70,6 +79,7 @@ class Skill(BaseModel):
     generation: Generation = Generation()
     defaults: dict[str, Any] = {}
     examples: list[dict[str, Any]] = Field(min_length=1)
+    refusal: SafetyRefusal | None = None  # safety skills: the concern their refusal names and what it offers instead
 
     path: str = Field("", exclude=True)
     example_lines: list[int] = Field(default_factory=list, exclude=True)
@@ -252,6 +262,9 @@ def load_skill(path: Path) -> Skill:
     if skill.name != path.stem:
         raise SkillError(path, _line_for(lines, ("name",)), f"name {skill.name!r} must match the file name "
                                                               f"{path.stem!r}")
+    if skill.refusal is not None and skill.kind != "safety":
+        raise SkillError(path, _line_for(lines, ("refusal",)), "refusal: only a safety skill declines a turn; remove "
+                                                                 "it or set kind: safety")
     try:
         _compile(skill.template)
     except jinja2.TemplateSyntaxError as exc:
