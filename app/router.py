@@ -142,9 +142,24 @@ class Router:
         return winner if winner is not None and winner.kind == "safety" else None
 
     def first_stage_winner(self, message: str) -> tuple[Skill | None, dict | None]:
-        """Stage 4: the last message alone against every safety and response skill."""
+        """Stage 4: the last message alone against every safety and response skill.
+
+        A `app.first_stage.FirstStage` (what `build_router` installs) makes the calibrated decision: the winner is the
+        safety skill that declines, the turn-level skill that takes the turn, or a skill that is neither (the turn
+        falls through); the returned trace carries its calibrated scores and thresholds. Any other selector (a
+        stand-in) is taken at its word: its winner is the winner.
+        """
         if self.first_stage is None or not message.strip():
             return None, None
+        decide = getattr(self.first_stage, "decide", None)
+        if decide is not None:
+            decision = decide(message)
+            first = decision.trace()
+            name = first["skill"]
+            winner = self.skills.get(name) if name in self.skills else None
+            if decision.skill is None and winner is not None and turn_level(winner):
+                winner = None  # nothing takes the turn (only when the stage has no anchor skill to name)
+            return winner, first
         selection = self.first_stage.select([[message, ""]])
         winner = self.skills.get(selection.skill) if selection.skill in self.skills else None
         first = {"skill": selection.skill, "flagged": winner is not None and winner.kind == "safety",
@@ -165,8 +180,10 @@ class Router:
 
 def build_router(settings, skills: SkillRegistry, lm, embedder) -> Router:
     """The router the bot runs, from settings: the history selector over the response skills and, with
-    ``FSB_SAFETY`` on, the last-message stage over the safety and response skills. Every caller (the server, each
-    evaluation) builds it here, so what is measured is what ships."""
+    ``FSB_SAFETY`` on, the calibrated last-message stage over the safety and response skills (`app.first_stage`,
+    its constants and counter-examples in ``prompts/first-stage.yaml``). Every caller (the server, each evaluation)
+    builds it here, so what is measured is what ships."""
+    from .first_stage import load_first_stage
     from .selector import Selector, SelectorLayout, registry_source
 
     selector = first = None
@@ -175,8 +192,7 @@ def build_router(settings, skills: SkillRegistry, lm, embedder) -> Router:
         selector = Selector(registry_source(skills), lm=lm, embedder=embedder, layout=layout,
                             method=settings.selector, fallback=settings.fallback_skill or None)
         if settings.safety:
-            first = Selector(registry_source(skills, include_safety=True), lm=lm, embedder=embedder, layout=layout,
-                             method=settings.selector, history_turns=1)
+            first = load_first_stage(settings, skills, lm, embedder, layout, settings.selector)
     return Router(skills, selector=selector, first_stage=first, default_skill=settings.default_skill,
                   forced_safety=settings.forced_safety)
 

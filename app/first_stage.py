@@ -1,0 +1,505 @@
+"""The router's first stage, calibrated: does the user's last message, on its own, decline the turn (a safety skill),
+take it (the general assistant or a knowledge skill), or fall through to the history selector?
+
+Two kinds of evidence, neither of them a trained classifier, and no LM pass of their own:
+
+- **The LM's few-shot scores.** The message's mean log-probability per token under each safety and response skill's
+  selector prompt (the scores the stage always computed, in one batched pass), each *calibrated* by the same skill's
+  score for a content-free input (``N/A``; Zhao et al. 2021): a prompt that makes any text likely earns nothing from
+  it. The LM scores the safety skills, the turn-level response skills (`app.selector.turn_level`) and a few
+  conversational *anchor* skills (``anchors:`` in the constants file, e.g. persona, ed, dailydialog) in one batched
+  pass. ``lm_safety`` is the best safety skill's calibrated score minus the best of the others'; ``lm_turn`` is the
+  best turn-level skill's minus the best anchor's.
+- **A few-shot neighbour vote.** The message's MiniLM embedding against labelled example messages: the safety skills'
+  examples (unsafe) against benign counter-examples (``prompts/first-stage-examples.yaml``: instructions and
+  questions that merely mention knives, drugs, dice, code or death, and small talk) plus the response skills' own user
+  turns; and requests (that file's ``requests`` and the aligned skills' examples) against small talk (its
+  ``small_talk`` and the chit-chat and task skills' user turns). The vote is the similarity-weighted share of the ``k``
+  nearest examples on each side, in [-1, 1].
+
+The rule, with constants fitted on development data only (``prompts/first-stage.yaml``, `bench/fit_first_stage.py`):
+
+    safety = vote_safety + w_safety * (lm_safety - center_safety)   declines the turn when  safety > threshold_safety
+    turn   = vote_turn   + w_turn   * (lm_turn - center_turn)       a turn-level skill takes it when
+                                                                    turn > threshold_turn (and it was not declined)
+
+The centers are the margins' medians on the fit data, so an LM margin counts only where it is unusual for the LM
+(the safety prompts' many short questions make any request a little likelier under them than under the others).
+Without LM scores (``FSB_SELECTOR=embedding``) the votes decide alone, against the same thresholds.
+
+otherwise the history selector decides. The declining skill is the safety skill whose own examples are nearest the
+message (mean similarity of its three nearest); the taking skill is the turn-level skill whose request examples are
+nearest (``requests:`` is filed by skill). Without an embedder, the LM's best calibrated score picks.
+
+`Decision.scores` restates the rule per skill on one scale where 0 is "fall through": a safety skill carries
+``safety - threshold``, a turn-level skill ``min(turn - threshold, -(safety - threshold))``, an anchor its calibrated
+score's distance to the best anchor (the best is 0), and the response skills the LM did not score rank last. Its
+argmax is the decision.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .selector import Candidate, Selector, turn_level
+
+log = logging.getLogger(__name__)
+
+DECLINE, TAKE, PASS = "decline", "take", "pass"
+
+
+class FirstStageError(Exception):
+    """A problem in a first-stage data file, located at ``path:line``."""
+
+    def __init__(self, path: Path | str, line: int, message: str):
+        self.path, self.line, self.message = str(path), line, message
+        super().__init__(f"{self.path}:{line}: {message}")
+
+
+# ------------------------------------------------------------------------------------------------- data files
+class Gate(BaseModel):
+    """One decision: ``vote + weight * (lm_margin - center) > threshold``; without LM scores, ``vote > threshold``."""
+
+    model_config = ConfigDict(extra="forbid")
+    weight: float = Field(ge=0)
+    threshold: float
+    center: float = 0.0  # the LM margin's typical value (its median on the fit data): no evidence either way
+
+    def score(self, vote_value: float, margin: float | None) -> float:
+        return vote_value + (self.weight * (margin - self.center) if margin is not None else 0.0)
+
+
+class Constants(BaseModel):
+    """``prompts/first-stage.yaml``: the fitted constants and where the counter-examples are."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "first-stage"
+    description: str = ""
+    examples: str = Field(min_length=1)  # the counter-examples file, relative to this file's folder
+    content_free: list[str] = Field(min_length=1)  # inputs that carry no content; each skill is calibrated by them
+    neighbours: int = Field(ge=1)  # k of the neighbour vote
+    anchors: list[str] = Field(min_length=1)  # conversational skills whose scores stand for "just talking"
+    safety: Gate
+    turn: Gate
+
+    @field_validator("content_free")
+    @classmethod
+    def _not_blank(cls, v: list[str]) -> list[str]:
+        if any(not s.strip() for s in v):
+            raise ValueError("a content-free input may not be blank (it would score nothing)")
+        return v
+
+
+class Examples(BaseModel):
+    """``prompts/first-stage-examples.yaml``: example messages that no skill file holds."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "first-stage-examples"
+    description: str = ""
+    # safe instructions and questions, under the turn-level skill that takes them (assistant, wow, wit, dialkg)
+    requests: dict[str, list[str]] = Field(min_length=1)
+    small_talk: list[str] = Field(min_length=1)  # chit-chat, feelings, questions about the bot: the history decides
+
+    @property
+    def all_requests(self) -> list[tuple[str, str]]:
+        """``(skill, message)`` for every request example."""
+        return [(skill, text) for skill, texts in self.requests.items() for text in texts]
+
+
+def _load_yaml(path: Path, model: type[BaseModel]):
+    """Parse ``path`` into ``model``; every problem is a `FirstStageError` at the file's line."""
+    from .skills import _line_for, _line_map
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FirstStageError(path, 1, f"cannot read the file: {exc}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        raise FirstStageError(path, mark.line + 1 if mark else 1,
+                              f"YAML syntax error: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(data, dict):
+        raise FirstStageError(path, 1, f"the file must be a mapping of keys ({', '.join(model.model_fields)})")
+    lines = _line_map(node)
+    try:
+        value = model(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        what = ".".join(str(p) for p in loc) or "file"
+        if err["type"] == "missing":
+            msg = f"missing required key '{what}'"
+        elif err["type"] == "extra_forbidden":
+            msg = f"unknown key '{what}' (allowed: {', '.join(model.model_fields)})"
+        else:
+            msg = f"{what}: {err['msg']}"
+        raise FirstStageError(path, _line_for(lines, loc), msg) from None
+    return value, lines
+
+
+@dataclass(frozen=True)
+class FirstStageData:
+    """The constants and the counter-examples, validated. `load` reports problems as ``file:line: message``."""
+
+    constants: Constants
+    examples: Examples
+    path: str = ""
+    examples_path: str = ""
+    lines: dict = field(default_factory=dict, compare=False)  # the examples file's key path -> line
+
+    def where(self, *loc) -> str:
+        """``file:line`` of a key path in the examples file (for messages)."""
+        from .skills import _line_for
+
+        return f"{self.examples_path}:{_line_for(self.lines, loc)}"
+
+    @property
+    def content_free(self) -> list[str]:
+        return list(self.constants.content_free)
+
+    @classmethod
+    def load(cls, path: Path) -> "FirstStageData":
+        """Load ``prompts/first-stage.yaml`` and the examples file it names. Raises `FirstStageError`."""
+        from .skills import _line_for
+
+        path = Path(path)
+        constants, _ = _load_yaml(path, Constants)
+        examples_path = path.parent / constants.examples
+        if not examples_path.is_file():
+            c_lines = _load_yaml(path, Constants)[1]
+            raise FirstStageError(path, _line_for(c_lines, ("examples",)),
+                                  f"examples: no file {examples_path.name} next to this one")
+        examples, lines = _load_yaml(examples_path, Examples)
+        seen: dict[str, str] = {}
+        lists = [(("requests", skill), texts) for skill, texts in examples.requests.items()]
+        for loc, texts in [*lists, (("small_talk",), examples.small_talk)]:
+            what = ".".join(loc)
+            if not texts:
+                raise FirstStageError(examples_path, _line_for(lines, loc), f"{what}: the list is empty")
+            for i, text in enumerate(texts):
+                line = _line_for(lines, (*loc, i))
+                if not text.strip():
+                    raise FirstStageError(examples_path, line, f"{what}: item {i + 1} is blank")
+                norm = " ".join(text.casefold().split())
+                if norm in seen:
+                    raise FirstStageError(examples_path, line, f"{what}: item {i + 1} repeats {seen[norm]}")
+                seen[norm] = f"{what} item {i + 1} (line {line})"
+        return cls(constants, examples, str(path), str(examples_path), lines)
+
+    def with_constants(self, **changes) -> "FirstStageData":
+        """A copy with some constants replaced (``safety=Gate(...)``, ``neighbours=3``), for fitting."""
+        return FirstStageData(self.constants.model_copy(update=changes), self.examples, self.path,
+                              self.examples_path, self.lines)
+
+
+# ------------------------------------------------------------------------------------------------- the pools
+@dataclass(frozen=True)
+class Pool:
+    """Labelled example messages for one neighbour vote: ``+1`` on one side, ``-1`` on the other, and for the
+    positive side the skill each stands for ("" when none: the negative side, or a request filed under a skill that
+    is not a loaded turn-level skill)."""
+
+    texts: tuple[str, ...]
+    signs: tuple[int, ...]
+    skills: tuple[str, ...]
+
+
+def user_turns(candidate: Candidate) -> list[str]:
+    return [u for d in candidate.examples for u, _ in d if u.strip()]
+
+
+def pools(candidates: Sequence[Candidate], kinds: dict[str, str], examples: Examples) -> tuple[Pool, Pool]:
+    """The safety pool and the turn pool (see the module docstring).
+
+    Args:
+        candidates: the first stage's candidates (safety and response skills).
+        kinds: skill name -> ``safety`` | ``turn`` (a turn-level response skill) | ``aligned`` (turn-level and
+            aligned: its examples are requests) | ``anchor`` | ``other`` (`FirstStage.kinds`).
+        examples: the counter-examples file.
+    """
+    s_texts, s_signs, s_skills = [], [], []
+    t_texts, t_signs, t_skills = [], [], []
+
+    def add(texts, signs, skills, items, sign, skill=""):
+        for t in items:
+            texts.append(t)
+            signs.append(sign)
+            skills.append(skill)
+
+    for c in candidates:
+        kind = kinds.get(c.name, "other")
+        turns = user_turns(c)
+        if kind == "safety":
+            add(s_texts, s_signs, s_skills, turns, 1, c.name)
+            continue
+        add(s_texts, s_signs, s_skills, turns, -1)
+        if kind == "aligned":
+            add(t_texts, t_signs, t_skills, turns, 1, c.name)
+        elif kind in ("anchor", "other"):
+            add(t_texts, t_signs, t_skills, turns, -1)
+        # knowledge skills' examples are chit-chat that leads to a question: on neither side of the turn vote
+    for skill, text in examples.all_requests:
+        add(s_texts, s_signs, s_skills, [text], -1)
+        add(t_texts, t_signs, t_skills, [text], 1, skill if kinds.get(skill) in ("turn", "aligned") else "")
+    add(s_texts, s_signs, s_skills, examples.small_talk, -1)
+    add(t_texts, t_signs, t_skills, examples.small_talk, -1)
+    return (Pool(tuple(s_texts), tuple(s_signs), tuple(s_skills)),
+            Pool(tuple(t_texts), tuple(t_signs), tuple(t_skills)))
+
+
+def vote(sims: np.ndarray, signs: Sequence[int], k: int) -> tuple[float, list[int]]:
+    """The similarity-weighted share of the ``k`` nearest examples: ``sum(sign * sim) / sum(sim)`` over them, in
+    [-1, 1] (negative similarities count as 0). Returns the vote and the neighbours' indices, nearest first."""
+    if len(sims) == 0:
+        return 0.0, []
+    k = min(k, len(sims))
+    top = np.argsort(-sims)[:k]
+    w = np.clip(sims[top], 0.0, None)
+    total = float(w.sum())
+    if total <= 0:
+        return 0.0, [int(i) for i in top]
+    s = np.asarray(signs)[top]
+    return float((w * s).sum() / total), [int(i) for i in top]
+
+
+# --------------------------------------------------------------------------------------------- the decision
+@dataclass(frozen=True)
+class Evidence:
+    """What the decision is computed from, for one message (the fitting script caches the LM part)."""
+
+    lm: dict[str, float]  # raw mean log-prob per token, per scored skill
+    content_free: dict[str, float]  # each skill's score on the content-free input(s)
+    vote_safety: float
+    vote_turn: float
+    near: dict[str, float] = field(default_factory=dict)  # per safety / turn-level skill: its 3 nearest examples' mean
+    neighbours: tuple[tuple[str, int, float], ...] = ()  # the safety vote's nearest (text, sign, sim)
+
+    @property
+    def calibrated(self) -> dict[str, float]:
+        return {k: v - self.content_free.get(k, 0.0) for k, v in self.lm.items()}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The first stage's outcome for one message; `trace` is what the turn trace shows."""
+
+    action: str  # decline | take | pass
+    skill: str | None  # the skill that declines or takes the turn; None when it falls through
+    safety: float  # vote_safety + w * lm_safety
+    turn: float  # vote_turn + w * lm_turn
+    thresholds: dict[str, float]
+    scores: dict[str, float]  # per skill, on the decision's scale (see the module docstring); argmax = the decision
+    evidence: Evidence
+    lm_margins: dict[str, float | None]  # None: the LM did not score (the votes decided alone)
+    latency_s: float = 0.0
+
+    @property
+    def named(self) -> str:
+        """The skill the stage names: the decider, else the best non-turn-level response skill."""
+        if self.skill is not None:
+            return self.skill
+        return max(self.scores, key=self.scores.get) if self.scores else ""
+
+    def trace(self) -> dict:
+        r = lambda v: round(v, 4) if math.isfinite(v) else None  # noqa: E731
+        return {"skill": self.named, "flagged": self.action == DECLINE, "decision": self.action,
+                "scores": {k: r(v) for k, v in self.scores.items()},
+                "calibrated": {"safety": r(self.safety), "turn": r(self.turn)},
+                "threshold": dict(self.thresholds),
+                "lm_margin": {k: (r(v) if v is not None else None) for k, v in self.lm_margins.items()},
+                "vote": {"safety": r(self.evidence.vote_safety), "turn": r(self.evidence.vote_turn)},
+                "lm": {k: r(v) for k, v in self.evidence.lm.items()},
+                "neighbours": [{"text": t[:80], "unsafe": s > 0, "sim": round(x, 3)}
+                               for t, s, x in self.evidence.neighbours[:3]],
+                "latency_s": round(self.latency_s, 4)}
+
+
+def _best(values: dict[str, float], names: Iterable[str]) -> float:
+    got = [values[n] for n in names if n in values and math.isfinite(values[n])]
+    return max(got) if got else -math.inf
+
+
+def _margin(a: float, b: float) -> float | None:
+    return a - b if math.isfinite(a) and math.isfinite(b) else None
+
+
+def decide(evidence: Evidence, kinds: dict[str, str], constants: Constants) -> Decision:
+    """The rule of the module docstring over ``evidence``; ``kinds`` maps each skill to safety / turn / aligned /
+    anchor / other (`FirstStage.kinds`). Pure: the fitting script calls it on cached evidence."""
+    cal = evidence.calibrated
+    safety = [n for n, k in kinds.items() if k == "safety"]
+    turn = [n for n, k in kinds.items() if k in ("turn", "aligned")]
+    anchors = [n for n, k in kinds.items() if k == "anchor"]
+    best_s, best_t, best_a = _best(cal, safety), _best(cal, turn), _best(cal, anchors)
+    lm_safety = _margin(best_s, max(best_t, best_a))
+    lm_turn = _margin(best_t, best_a)
+    s_gate, t_gate = constants.safety, constants.turn
+    z_s = s_gate.score(evidence.vote_safety, lm_safety)
+    z_t = t_gate.score(evidence.vote_turn, lm_turn)
+    e_s, e_t = z_s - s_gate.threshold, z_t - t_gate.threshold
+
+    def pick(names):
+        """The skill whose own examples are nearest the message; without a vote, the LM's best."""
+        by = evidence.near if any(n in evidence.near for n in names) else cal
+        pairs = {n: by.get(n, -math.inf) for n in names}
+        pairs = {n: v if math.isfinite(v) else -1e9 for n, v in pairs.items()}
+        return (max(pairs, key=pairs.get), pairs) if pairs else (None, {})
+
+    s_pick, s_vals = pick(safety)
+    t_pick, t_vals = pick(turn)
+    scores: dict[str, float] = {}
+    for n in anchors:
+        scores[n] = cal[n] - best_a if n in cal and math.isfinite(best_a) else -1.0
+    floor = min(scores.values(), default=0.0) - 1.0
+    for n, k in kinds.items():
+        if k == "other":
+            scores[n] = floor  # not scored by the LM: ranks last
+    for n in turn:
+        scores[n] = min(e_t, -e_s) - (t_vals[t_pick] - t_vals[n])
+    for n in safety:
+        scores[n] = e_s - (s_vals[s_pick] - s_vals[n])
+    if e_s > 0 and s_pick is not None:
+        action, skill = DECLINE, s_pick
+    elif e_t > 0 and t_pick is not None:
+        action, skill = TAKE, t_pick
+    else:
+        action, skill = PASS, None
+    return Decision(action, skill, z_s, z_t, {"safety": s_gate.threshold, "turn": t_gate.threshold}, scores,
+                    evidence, {"safety": lm_safety, "turn": lm_turn})
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+class FirstStage(Selector):
+    """The last-message stage: a `Selector` over the safety and response skills (``select`` works as before, for
+    anything that wants the plain ranking) that also makes the calibrated `decide`.
+
+    Args:
+        source, lm, embedder, layout, method: as for `Selector` (``history_turns`` is 1: the message alone). The LM
+            scores every candidate in one batched pass unless ``method`` is ``embedding``; the embedder votes.
+        data: the constants and counter-examples (`FirstStageData.load(prompts_dir / "first-stage.yaml")`).
+        kind_of: skill name -> its `app.skills.Skill` (for `turn_level`), usually ``registry.get``.
+    Example:
+        >>> stage = FirstStage(registry_source(reg, include_safety=True), lm=lm, embedder=emb, layout=layout,
+        ...                    data=FirstStageData.load(prompts / "first-stage.yaml"), kind_of=reg.get)
+        >>> stage.decide("How do I take care of a wooden table?").action
+        'take'
+    """
+
+    def __init__(self, source: Callable[[], Sequence[Candidate]], *, data: FirstStageData, kind_of: Callable,
+                 lm=None, embedder=None, layout=None, method: str = "best", low_precision: bool | str = "auto"):
+        super().__init__(source, lm=lm, embedder=embedder, layout=layout, method=method, history_turns=1,
+                         low_precision=low_precision)
+        self.data, self.kind_of = data, kind_of
+        self._lock = threading.Lock()
+        self._cf: dict[str, float] = {}  # candidate key -> content-free score
+        self._pools: dict[tuple, tuple] = {}  # (candidate keys, embedder) -> pools and their matrices
+
+    # the pieces, each cached
+    def kinds(self, candidates: Sequence[Candidate]) -> dict[str, str]:
+        out = {}
+        for c in candidates:
+            skill = self.kind_of(c.name)
+            if skill.kind == "safety":
+                out[c.name] = "safety"
+            elif turn_level(skill):
+                out[c.name] = "aligned" if skill.aligned else "turn"
+            else:
+                out[c.name] = "anchor" if c.name in self.data.constants.anchors else "other"
+        return out
+
+    def rows(self, candidates: Sequence[Candidate]) -> list[Candidate]:
+        """The candidates the LM scores: safety, turn-level and anchor skills (the others do not enter the rule)."""
+        kinds = self.kinds(candidates)
+        return [c for c in candidates if kinds[c.name] != "other"]
+
+    def uses_lm(self) -> bool:
+        return self.prompt is not None and self.method != "embedding"
+
+    def content_free(self, candidates: Sequence[Candidate]) -> dict[str, float]:
+        """Each scored candidate's mean score over the content-free inputs (computed once per prompt)."""
+        if not self.uses_lm():
+            return {}
+        candidates = self.rows(candidates)
+        missing = [c for c in candidates if c.key not in self._cf]
+        if missing:
+            sums = {c.key: 0.0 for c in missing}
+            for text in self.data.content_free:
+                got = self.prompt.scores(((text, ""),), missing)
+                for c in missing:
+                    sums[c.key] += got[c.name]
+            with self._lock:
+                self._cf.update({k: v / len(self.data.content_free) for k, v in sums.items()})
+        return {c.name: self._cf[c.key] for c in candidates}
+
+    def pools(self, candidates: Sequence[Candidate]):
+        key = (tuple(c.key for c in candidates), id(self.data))
+        with self._lock:
+            got = self._pools.get(key)
+        if got is None:
+            s_pool, t_pool = pools(candidates, self.kinds(candidates), self.data.examples)
+            enc = self.embedding.embedder.encode if self.embedding is not None else None
+            mats = (enc(list(s_pool.texts)), enc(list(t_pool.texts))) if enc else (None, None)
+            got = (s_pool, t_pool, *mats)
+            with self._lock:
+                self._pools = {key: got}  # only the current skill files' pools are kept
+        return got
+
+    def warm(self) -> None:
+        """The selector prompts (prefix caches), the content-free scores and the example embeddings."""
+        super().warm()
+        candidates = list(self.source())
+        self.content_free(candidates)
+        self.pools(candidates)
+
+    def evidence(self, message: str, candidates: Sequence[Candidate] | None = None,
+                 lm_scores: dict[str, float] | None = None) -> Evidence:
+        """The evidence for ``message``: the LM scores (``lm_scores`` when the caller has them already) and votes."""
+        candidates = list(self.source()) if candidates is None else list(candidates)
+        if lm_scores is None:
+            rows = self.rows(candidates)
+            lm_scores = self.prompt.scores(((message, ""),), rows) if self.uses_lm() and rows else {}
+        cf = self.content_free(candidates)
+        s_pool, t_pool, s_mat, t_mat = self.pools(candidates)
+        k = self.data.constants.neighbours
+        vote_s = vote_t = 0.0
+        near: dict[str, float] = {}
+        neighbours: tuple = ()
+        if s_mat is not None:
+            q = self.embedding.embedder.encode([message])[0]
+            s_sims, t_sims = s_mat @ q, t_mat @ q
+            vote_s, top = vote(s_sims, s_pool.signs, k)
+            vote_t, _ = vote(t_sims, t_pool.signs, k)
+            neighbours = tuple((s_pool.texts[i], s_pool.signs[i], float(s_sims[i])) for i in top)
+            for pool, sims in ((s_pool, s_sims), (t_pool, t_sims)):
+                for name in {n for n in pool.skills if n}:
+                    own = np.sort(sims[[i for i, n in enumerate(pool.skills) if n == name]])[-3:]
+                    near[name] = float(own.mean())
+        return Evidence(dict(lm_scores), cf, vote_s, vote_t, near, neighbours)
+
+    def decide(self, message: str) -> Decision:
+        """The calibrated decision for ``message`` (the user's last message, alone)."""
+        started = time.perf_counter()
+        candidates = list(self.source())
+        decision = decide(self.evidence(message, candidates), self.kinds(candidates), self.data.constants)
+        return Decision(**{**decision.__dict__, "latency_s": time.perf_counter() - started})
+
+
+def load_first_stage(settings, skills, lm, embedder, layout, method: str) -> FirstStage:
+    """The first stage `app.router.build_router` installs, from ``prompts/first-stage.yaml``."""
+    from .selector import registry_source
+
+    data = FirstStageData.load(Path(settings.prompts_dir) / "first-stage.yaml")
+    return FirstStage(registry_source(skills, include_safety=True), data=data, kind_of=skills.get, lm=lm,
+                      embedder=embedder, layout=layout, method=method)
