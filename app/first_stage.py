@@ -1,21 +1,20 @@
 """The router's first stage, calibrated: does the user's last message, on its own, decline the turn (a safety skill),
 take it (the general assistant or a knowledge skill), or fall through to the history selector?
 
-Two kinds of evidence, neither of them a trained classifier, and no LM pass of their own:
+Two kinds of evidence, neither of them a trained classifier:
 
-- **The LM's few-shot scores.** The message's mean log-probability per token under each safety and response skill's
-  selector prompt (the scores the stage always computed, in one batched pass), each *calibrated* by the same skill's
-  score for a content-free input (``N/A``; Zhao et al. 2021): a prompt that makes any text likely earns nothing from
-  it. The LM scores the safety skills, the turn-level response skills (`app.selector.turn_level`) and a few
-  conversational *anchor* skills (``anchors:`` in the constants file, e.g. persona, ed, dailydialog) in one batched
-  pass. ``lm_safety`` is the best safety skill's calibrated score minus the best of the others'; ``lm_turn`` is the
-  best turn-level skill's minus the best anchor's.
-- **A few-shot neighbour vote.** The message's MiniLM embedding against labelled example messages: the safety skills'
-  examples (unsafe) against benign counter-examples (``prompts/first-stage-examples.yaml``: instructions and
-  questions that merely mention knives, drugs, dice, code or death, and small talk) plus the response skills' own user
-  turns; and requests (that file's ``requests`` and the aligned skills' examples) against small talk (its
-  ``small_talk`` and the chit-chat and task skills' user turns). The vote is the similarity-weighted share of the ``k``
-  nearest examples on each side, in [-1, 1].
+- **The LM's few-shot scores**, from the one batched scoring pass the stage always made: the message's mean
+  log-probability per token under the selector prompt of each safety skill, each turn-level response skill
+  (`app.selector.turn_level`) and a few conversational *anchor* skills (``anchors:``, e.g. persona, ed, dailydialog),
+  each *calibrated* by the same prompt's score for a content-free input (``N/A``, Zhao et al. 2021; computed once per
+  prompt), so a prompt that makes any text likely earns nothing from it. ``lm_safety`` is the best safety skill's
+  calibrated score minus the best of the others'; ``lm_turn`` the best turn-level skill's minus the best anchor's.
+- **A few-shot neighbour vote** (MiniLM, about 10 ms): the similarity-weighted share of the ``k`` nearest labelled
+  example messages, in [-1, 1]. For safety: the safety skills' examples against benign counter-examples
+  (``prompts/first-stage-examples.yaml``: requests that merely mention knives, drugs, dice, code or death, and small
+  talk) and the response skills' own user turns. For the turn: requests (that file's ``requests``, filed under the
+  turn-level skill that answers them, and the aligned skills' examples) against small talk (its ``small_talk`` and
+  the conversational and task skills' user turns).
 
 The rule, with constants fitted on development data only (``prompts/first-stage.yaml``, `bench/fit_first_stage.py`):
 
@@ -23,13 +22,13 @@ The rule, with constants fitted on development data only (``prompts/first-stage.
     turn   = vote_turn   + w_turn   * (lm_turn - center_turn)       a turn-level skill takes it when
                                                                     turn > threshold_turn (and it was not declined)
 
-The centers are the margins' medians on the fit data, so an LM margin counts only where it is unusual for the LM
-(the safety prompts' many short questions make any request a little likelier under them than under the others).
-Without LM scores (``FSB_SELECTOR=embedding``) the votes decide alone, against the same thresholds.
+and otherwise the history selector decides. The centers are the margins' medians on the fit data, so an LM margin
+counts only where it is unusual (the safety prompts' many short questions make any request a little likelier under
+them). Without LM scores (``FSB_SELECTOR=embedding``) the votes decide alone, against the same thresholds.
 
-otherwise the history selector decides. The declining skill is the safety skill whose own examples are nearest the
-message (mean similarity of its three nearest); the taking skill is the turn-level skill whose request examples are
-nearest (``requests:`` is filed by skill). Without an embedder, the LM's best calibrated score picks.
+The declining skill is the safety skill whose own examples are nearest the message (the mean similarity of its three
+nearest); the taking skill is the turn-level skill whose request examples are nearest. Without an embedder, the LM's
+best calibrated score picks.
 
 `Decision.scores` restates the rule per skill on one scale where 0 is "fall through": a safety skill carries
 ``safety - threshold``, a turn-level skill ``min(turn - threshold, -(safety - threshold))``, an anchor its calibrated
@@ -38,6 +37,7 @@ argmax is the decision.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -387,7 +387,8 @@ class FirstStage(Selector):
 
     Args:
         source, lm, embedder, layout, method: as for `Selector` (``history_turns`` is 1: the message alone). The LM
-            scores every candidate in one batched pass unless ``method`` is ``embedding``; the embedder votes.
+            scores the safety, turn-level and anchor skills (`rows`) in one batched pass unless ``method`` is
+            ``embedding``; the embedder votes.
         data: the constants and counter-examples (`FirstStageData.load(prompts_dir / "first-stage.yaml")`).
         kind_of: skill name -> its `app.skills.Skill` (for `turn_level`), usually ``registry.get``.
     Example:
@@ -404,7 +405,7 @@ class FirstStage(Selector):
         self.data, self.kind_of = data, kind_of
         self._lock = threading.Lock()
         self._cf: dict[str, float] = {}  # candidate key -> content-free score
-        self._pools: dict[tuple, tuple] = {}  # (candidate keys, embedder) -> pools and their matrices
+        self._pools: dict[tuple, tuple] = {}  # (candidate keys, data) -> the two pools and their embeddings
 
     # the pieces, each cached
     def kinds(self, candidates: Sequence[Candidate]) -> dict[str, str]:
@@ -448,7 +449,12 @@ class FirstStage(Selector):
         with self._lock:
             got = self._pools.get(key)
         if got is None:
-            s_pool, t_pool = pools(candidates, self.kinds(candidates), self.data.examples)
+            kinds = self.kinds(candidates)
+            stray = [k for k in self.data.examples.requests if kinds.get(k) not in ("turn", "aligned")]
+            for name in stray:
+                log.warning("%s: requests filed under %r, which is not a loaded turn-level skill: they count as "
+                            "requests but never pick a skill", self.data.where("requests", name), name)
+            s_pool, t_pool = pools(candidates, kinds, self.data.examples)
             enc = self.embedding.embedder.encode if self.embedding is not None else None
             mats = (enc(list(s_pool.texts)), enc(list(t_pool.texts))) if enc else (None, None)
             got = (s_pool, t_pool, *mats)
@@ -493,7 +499,7 @@ class FirstStage(Selector):
         started = time.perf_counter()
         candidates = list(self.source())
         decision = decide(self.evidence(message, candidates), self.kinds(candidates), self.data.constants)
-        return Decision(**{**decision.__dict__, "latency_s": time.perf_counter() - started})
+        return dataclasses.replace(decision, latency_s=time.perf_counter() - started)
 
 
 def load_first_stage(settings, skills, lm, embedder, layout, method: str) -> FirstStage:

@@ -424,7 +424,7 @@ def fit(args) -> None:
     """Grid search on the fit halves: first the safety gate (and k) on the safety merit, then the turn gate on the
     turn merit, among the settings that keep selector-dev at the history selector's own accuracy (`SELECTOR_SLACK`);
     prints the constants and the before/after table."""
-    from app.first_stage import FirstStage, Gate
+    from app.first_stage import Gate
 
     import statistics
 

@@ -207,3 +207,56 @@ def test_a_request_is_taken_and_a_harmful_message_declined_by_the_first_stage(ro
     assert declined.first_stage["threshold"]["safety"] == router.first_stage.data.constants.safety.threshold
     assert router.flagged("How can I stab someone and not leave any evidence?").name == "safety-harmful"
     assert router.flagged("What's the best knife for slicing a loaf of bread?") is None
+
+
+def test_requests_filed_under_a_skill_that_is_not_turn_level_are_reported_with_their_line(tmp_path, caplog):
+    from retrievers.embed import HashingEmbedder
+
+    from app.selector import registry_source
+    from app.skills import SkillRegistry
+
+    examples = GOOD_EXAMPLES.replace("small_talk:", "  persona:\n    - Tell me about your day.\nsmall_talk:")
+    data = FirstStageData.load(_files(tmp_path, GOOD_CONSTANTS, examples))
+    registry = SkillRegistry(REPO_ROOT / "skills")
+    stage = FirstStage(registry_source(registry, include_safety=True), data=data, kind_of=registry.get,
+                       embedder=HashingEmbedder(), method="embedding")
+    with caplog.at_level("WARNING"):
+        stage.decide("Tell me about your day.")
+    assert "ex.yaml:4: requests filed under 'persona'" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ the refusals
+def test_each_safety_skill_declines_with_its_own_concern_and_offer(settings, tiny_lm):
+    """The bot passes the declining skill's description; the refusal opens with that skill's own concern and offer,
+    so no two safety skills decline in the same words."""
+    from app.align import Aligner
+    from app.skills import SkillRegistry
+
+    aligner = Aligner(tiny_lm, settings, guarded=True)
+    openings = {}
+    for skill in SkillRegistry(settings.skills_dir).all(kind="safety"):
+        assert skill.refusal is not None, f"{skill.name} has no refusal: of its own"
+        stream = aligner.refuse([("user", "some request")], skill.description, {"max_new_tokens": 2})
+        text = "".join(stream)
+        start = aligner.prompt.refusal.answer_start
+        assert text.startswith(f"{start} {skill.refusal.concern}. {skill.refusal.offer}"), text
+        assert aligner.prompt.refusal_note_for(skill.description) in stream.reply.prompt.text
+        assert aligner.refuse([("user", "x")], skill).reply.prompt.text.endswith(
+            f"{skill.refusal.concern}. {skill.refusal.offer}")  # the skill itself works too
+        openings[skill.name] = text
+    assert len(set(openings.values())) == len(openings) >= 3
+    generic = aligner.refuse([("user", "some request")], "a reason of no skill", {"max_new_tokens": 2})
+    assert generic.reply.prompt.text.endswith(aligner.prompt.refusal.answer_start)  # any other reason: the general one
+
+
+def test_a_refusal_on_a_skill_that_does_not_decline_is_an_error_at_its_line(tmp_path):
+    from app.skills import SkillError, load_skill
+
+    text = (REPO_ROOT / "skills" / "ed.yaml").read_text(encoding="utf-8")
+    path = tmp_path / "ed.yaml"
+    path.write_text(text.replace("retriever: none\n", "retriever: none\nrefusal: {concern: x, offer: y}\n"),
+                    encoding="utf-8")
+    with pytest.raises(SkillError) as err:
+        load_skill(path)
+    line = text[: text.index("retriever: none")].count("\n") + 2
+    assert f"ed.yaml:{line}: refusal: only a safety skill declines a turn" in str(err.value)
