@@ -22,7 +22,10 @@ The rule, with constants fitted on development data only (``prompts/first-stage.
     turn   = vote_turn   + w_turn   * (lm_turn - center_turn)       a turn-level skill takes it when
                                                                     turn > threshold_turn (and it was not declined)
 
-and otherwise the history selector decides. The centers are the margins' medians on the fit data, so an LM margin
+and otherwise the history selector decides. **The cascade:** the neighbour vote costs milliseconds and the LM's
+scoring pass about a second on a 2-core CPU, so the votes come first, and where a vote is far enough from its
+threshold that the LM term never overturned such a vote on the fit data (``sure_above`` / ``sure_below``), it
+decides alone and the LM does not run (``lm_skipped`` in the trace). The centers are the margins' medians on the fit data, so an LM margin
 counts only where it is unusual (the safety prompts' many short questions make any request a little likelier under
 them). Without LM scores (``FSB_SELECTOR=embedding``) the votes decide alone, against the same thresholds.
 
@@ -73,9 +76,32 @@ class Gate(BaseModel):
     weight: float = Field(ge=0)
     threshold: float
     center: float = 0.0  # the LM margin's typical value (its median on the fit data): no evidence either way
+    # The cascade: the vote decides alone, and the LM is not run, when ``vote - threshold`` is above ``sure_above``
+    # (yes) or below ``-sure_below`` (no): margins the LM term did not overturn on the fit data. None: always ask.
+    sure_above: float | None = Field(default=None, ge=0)
+    sure_below: float | None = Field(default=None, ge=0)
 
     def score(self, vote_value: float, margin: float | None) -> float:
         return vote_value + (self.weight * (margin - self.center) if margin is not None else 0.0)
+
+    def sure(self, vote_value: float) -> bool | None:
+        """The gate's answer from the vote alone, where the cascade trusts it (True / False), else None."""
+        if self.weight == 0:
+            return vote_value > self.threshold
+        e = vote_value - self.threshold
+        if self.sure_above is not None and e > self.sure_above:
+            return True
+        if self.sure_below is not None and e < -self.sure_below:
+            return False
+        return None
+
+
+def lm_needed(constants: "Constants", vote_safety: float, vote_turn: float) -> bool:
+    """Whether the LM's scores can still change the decision, given the votes (the cascade of `Gate.sure`)."""
+    declined = constants.safety.sure(vote_safety)
+    if declined is True:
+        return False
+    return declined is None or constants.turn.sure(vote_turn) is None
 
 
 class Constants(BaseModel):
@@ -285,6 +311,7 @@ class Evidence:
     vote_turn: float
     near: dict[str, float] = field(default_factory=dict)  # per safety / turn-level skill: its 3 nearest examples' mean
     neighbours: tuple[tuple[str, int, float], ...] = ()  # the safety vote's nearest (text, sign, sim)
+    lm_skipped: bool = False  # the votes were decisive, so the LM did not score (the cascade)
 
     @property
     def calibrated(self) -> dict[str, float]:
@@ -321,6 +348,7 @@ class Decision:
                 "lm_margin": {k: (r(v) if v is not None else None) for k, v in self.lm_margins.items()},
                 "vote": {"safety": r(self.evidence.vote_safety), "turn": r(self.evidence.vote_turn)},
                 "lm": {k: r(v) for k, v in self.evidence.lm.items()},
+                "lm_skipped": self.evidence.lm_skipped,
                 "neighbours": [{"text": t[:80], "unsafe": s > 0, "sim": round(x, 3)}
                                for t, s, x in self.evidence.neighbours[:3]],
                 "latency_s": round(self.latency_s, 4)}
@@ -346,6 +374,8 @@ def decide(evidence: Evidence, kinds: dict[str, str], constants: Constants) -> D
     lm_safety = _margin(best_s, max(best_t, best_a))
     lm_turn = _margin(best_t, best_a)
     s_gate, t_gate = constants.safety, constants.turn
+    if not lm_needed(constants, evidence.vote_safety, evidence.vote_turn):
+        lm_safety = lm_turn = None  # the cascade: the votes decide (the same decision whether or not the LM scored)
     z_s = s_gate.score(evidence.vote_safety, lm_safety)
     z_t = t_gate.score(evidence.vote_turn, lm_turn)
     e_s, e_t = z_s - s_gate.threshold, z_t - t_gate.threshold
@@ -470,12 +500,10 @@ class FirstStage(Selector):
         self.pools(candidates)
 
     def evidence(self, message: str, candidates: Sequence[Candidate] | None = None,
-                 lm_scores: dict[str, float] | None = None) -> Evidence:
-        """The evidence for ``message``: the LM scores (``lm_scores`` when the caller has them already) and votes."""
+                 lm_scores: dict[str, float] | None = None, cascade: bool = True) -> Evidence:
+        """The evidence for ``message``: the votes, then the LM scores (``lm_scores`` when the caller has them
+        already), unless the votes alone decide (`lm_needed`; ``cascade=False`` always scores)."""
         candidates = list(self.source()) if candidates is None else list(candidates)
-        if lm_scores is None:
-            rows = self.rows(candidates)
-            lm_scores = self.prompt.scores(((message, ""),), rows) if self.uses_lm() and rows else {}
         cf = self.content_free(candidates)
         s_pool, t_pool, s_mat, t_mat = self.pools(candidates)
         k = self.data.constants.neighbours
@@ -492,7 +520,16 @@ class FirstStage(Selector):
                 for name in {n for n in pool.skills if n}:
                     own = np.sort(sims[[i for i, n in enumerate(pool.skills) if n == name]])[-3:]
                     near[name] = float(own.mean())
-        return Evidence(dict(lm_scores), cf, vote_s, vote_t, near, neighbours)
+        skipped = False
+        if lm_scores is None:
+            rows = self.rows(candidates)
+            if not (self.uses_lm() and rows):
+                lm_scores = {}
+            elif s_mat is not None and cascade and not lm_needed(self.data.constants, vote_s, vote_t):
+                lm_scores, skipped = {}, True  # the votes are decisive: no scoring pass
+            else:
+                lm_scores = self.prompt.scores(((message, ""),), rows)
+        return Evidence(dict(lm_scores), cf, vote_s, vote_t, near, neighbours, lm_skipped=skipped)
 
     def decide(self, message: str) -> Decision:
         """The calibrated decision for ``message`` (the user's last message, alone)."""

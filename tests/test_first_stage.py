@@ -54,6 +54,50 @@ def test_the_lm_margin_tips_a_borderline_vote_by_its_fitted_weight():
     assert decide(evidence(0.1, -0.5, lm=lm), KINDS, no_lm).action == PASS
 
 
+def test_the_cascade_lets_a_decisive_vote_decide_alone_and_asks_the_lm_near_the_threshold():
+    from app.first_stage import lm_needed
+
+    sure = CONSTANTS.model_copy(update={
+        "safety": Gate(weight=0.5, threshold=0.2, sure_above=0.3, sure_below=0.4),
+        "turn": Gate(weight=0.5, threshold=0.0, sure_above=0.5, sure_below=0.5)})
+    assert not lm_needed(sure, 0.6, 0.0)  # clearly unsafe: declined whatever the turn vote says
+    assert not lm_needed(sure, -0.3, 0.7) and not lm_needed(sure, -0.3, -0.7)  # clearly safe, the turn clear
+    assert lm_needed(sure, 0.0, 0.9)  # the safety vote is near its threshold
+    assert lm_needed(sure, -0.3, 0.2)  # safe, but the turn vote is near its threshold
+    assert lm_needed(CONSTANTS, 0.9, 0.9)  # no margins fitted: the LM always scores
+    lm = {**FLAT, "safety-harmful": 0.0}  # an LM that would push hard towards declining
+    d = decide(evidence(-0.3, -0.7, lm=lm), KINDS, sure)
+    assert d.action == PASS and d.lm_margins == {"safety": None, "turn": None}  # the vote decided; the LM ignored
+    assert decide(evidence(0.0, -0.7, lm=lm), KINDS, sure).action == DECLINE  # near the threshold the LM counts
+
+
+def test_the_stage_runs_no_scoring_pass_when_the_vote_is_decisive(stage):
+    """The shipped constants' cascade on the real MiniLM: a clear request and clear small talk are decided without
+    the LM's scoring pass; the LM is asked only where the votes are near a threshold."""
+    from app.first_stage import lm_needed
+
+    calls = []
+
+    class Counting:
+        def scores(self, history, candidates):
+            calls.append(history)
+            return {c.name: -3.0 for c in candidates}
+
+    c = stage.data.constants
+    assert c.safety.sure_above is not None and c.turn.sure_below is not None
+    live = FirstStage(stage.source, data=stage.data, kind_of=stage.kind_of, embedder=stage.embedding.embedder,
+                      method="embedding")
+    live.prompt, live.method = Counting(), "hybrid"  # an LM stand-in that counts the scoring passes
+    for message in ["How can I stab someone and not leave any evidence?", "Write a short poem about the sea.",
+                    "I spent the whole afternoon at the beach with my brother.", "How old is the universe?"]:
+        calls.clear()
+        ev = live.evidence(message)
+        assert ev.lm_skipped == (not lm_needed(c, ev.vote_safety, ev.vote_turn)), message
+        assert len([h for h in calls if h[0][0] == message]) == (0 if ev.lm_skipped else 1), message
+        assert live.decide(message).trace()["lm_skipped"] == ev.lm_skipped
+    assert live.evidence("How can I stab someone and not leave any evidence?").lm_skipped  # far past the threshold
+
+
 def test_content_free_calibration_removes_a_prompts_liking_for_any_text():
     """wow's prompt (long knowledge passages) makes any message likely: raw, it beats the anchors; calibrated by its
     own score on "N/A", it does not."""
