@@ -9,7 +9,8 @@ Three ways to score the skills, one `Selector` that applies the user's hooks on 
 - ``embedding``: the history's all-MiniLM-L6-v2 embedding against every example window of every skill; a skill's
   score is the mean cosine of its nearest few windows.
 - ``hybrid``: the embedding scores shortlist the top ``shortlist`` skills, the prompt scores decide among them
-  (optionally plus ``weight`` x the embedding score). Fewer rows make it faster than ``prompt``.
+  (optionally plus ``weight`` x the embedding score). Fewer rows make it faster than ``prompt``. Its cascade
+  (``sure_margin``): when the embedding winner leads clearly, it wins without the LM's pass at all.
 
 Hooks: a forced skill (per session or per message, passed as ``force``) wins without scoring; each skill's score comes
 back in `Selection.scores` for the turn trace; when the winner's margin over the runner-up is below ``min_margin`` the
@@ -20,6 +21,7 @@ Scores are "higher is better" everywhere: mean log-probability per history token
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -137,11 +139,15 @@ class Selection:
     forced: bool = False
     fallback: bool = False  # the fallback skill answered because no score was confident
     details: dict[str, dict[str, float]] = field(default_factory=dict)  # e.g. hybrid's embedding scores
+    decided_by: str | None = None  # "embedding" when the hybrid's cascade skipped the LM
 
     def trace(self) -> dict:
-        return {"skill": self.skill, "method": self.method, "scores": {k: round(v, 4) for k, v in self.scores.items()},
-                "confident": self.confident, "margin": None if math.isinf(self.margin) else round(self.margin, 4),
-                "forced": self.forced, "fallback": self.fallback, "latency_s": round(self.latency_s, 4)}
+        out = {"skill": self.skill, "method": self.method, "scores": {k: round(v, 4) for k, v in self.scores.items()},
+               "confident": self.confident, "margin": None if math.isinf(self.margin) else round(self.margin, 4),
+               "forced": self.forced, "fallback": self.fallback, "latency_s": round(self.latency_s, 4)}
+        if self.decided_by:
+            out["decided_by"] = self.decided_by
+        return out
 
 
 def to_dialogue(turns: Iterable[Sequence[str]]) -> Dialogue:
@@ -285,6 +291,9 @@ class Selector:
         fallback: the skill that answers when the margin is below ``min_margin`` (None: keep the winner).
         min_margin: the margin (best minus runner-up score) below which a selection is not confident.
         low_precision: score in bfloat16 (True / False / "auto": where bf16 is fast); see `PromptScorer`.
+        sure_margin: the hybrid's cascade: when the embedding winner leads the runner-up by at least this much, it
+            wins without the LM's scoring pass (``method`` stays ``hybrid``; the trace says ``decided_by``). None or
+            0: the LM always scores the shortlist.
     Raises:
         SelectorError: from `select`, for an unknown forced skill or when no skill is selectable.
     Example:
@@ -296,7 +305,7 @@ class Selector:
     def __init__(self, source: Callable[[], Sequence[Candidate]], lm=None, embedder=None,
                  layout: SelectorLayout | None = None, method: str = "best", history_turns: int = 5,
                  shortlist: int = 3, weight: float = 1.0, fallback: str | None = None, min_margin: float = 0.0,
-                 embedding_top: int = 3, low_precision: bool | str = "auto"):
+                 embedding_top: int = 3, low_precision: bool | str = "auto", sure_margin: float | None = None):
         method = BEST_METHOD if method == "best" else method
         if method not in METHODS:
             raise SelectorError(f"unknown selector method {method!r}; use one of: {', '.join(METHODS)}, best")
@@ -307,6 +316,7 @@ class Selector:
         self.source, self.method = source, method
         self.history_turns, self.shortlist, self.weight = history_turns, shortlist, weight
         self.fallback, self.min_margin = fallback, min_margin
+        self.sure_margin = sure_margin or None
         self.prompt = PromptScorer(lm, layout, low_precision) if lm is not None and layout is not None else None
         self.embedding = EmbeddingScorer(embedder, history_turns, embedding_top) if embedder is not None else None
 
@@ -342,7 +352,12 @@ class Selector:
         else:
             emb = self.embedding.scores(turns, candidates)
             details["embedding"] = emb
-            top = sorted(candidates, key=lambda c: -emb[c.name])[: max(1, self.shortlist)]
+            ranked = sorted(candidates, key=lambda c: -emb[c.name])
+            lead = emb[ranked[0].name] - emb[ranked[1].name]
+            if self.sure_margin is not None and lead >= self.sure_margin:
+                # the cascade: the embedding winner is clear, no LM pass
+                return dataclasses.replace(self._decide(emb, names, started, details), decided_by="embedding")
+            top = ranked[: max(1, self.shortlist)]
             scores = self.prompt.scores(turns, top)
             scores = {k: v + self.weight * emb[k] for k, v in scores.items()}
         return self._decide(scores, names, started, details)

@@ -66,6 +66,10 @@ class Settings:
     forced_safety: bool = True  # the safety stage judges forced skills too (off: callers' forced skills are trusted)
     safety: bool = True  # safety skills check the user's last message before the selector (needs the selector)
     fallback_skill: str = ""  # answers when no selector score is confident ("" = keep the winner)
+    # The hybrid selector's cascade: an embedding winner this far ahead of the runner-up decides without the LM's
+    # scoring pass (0 = always score). Fitted on selector-dev's fit half (`bench/fit_first_stage.py selector`): the
+    # LM skipped on 36% (fit) / 44% (report half) of the dialogues, accuracy 0.757 on both halves either way.
+    selector_sure_margin: float = 0.15
     align_variant: str = "short"  # prompts/align-<variant>.yaml
     memory: bool = True  # extract facts from user turns into long-term memory (needs a user)
     memory_skill: str = "msc-parse"
@@ -123,6 +127,11 @@ def _coerce(f: dataclasses.Field, raw: str):
             return int(raw)
         except ValueError:
             raise ValueError(f"FSB_{f.name.upper()} must be a whole number, got {raw!r}") from None
+    if kind == "float":
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"FSB_{f.name.upper()} must be a number, got {raw!r}") from None
     if kind == "Path":
         return Path(raw)
     if kind == "bool":

@@ -5,6 +5,8 @@ Two steps, so the slow one runs once:
     .venv/bin/python bench/fit_first_stage.py score   # LM scores of every item, cached (resumes; slow on a CPU)
     .venv/bin/python bench/fit_first_stage.py fit     # fit the constants on the fit halves, print before/after
     .venv/bin/python bench/fit_first_stage.py report  # the before/after table with the constants in prompts/
+    .venv/bin/python bench/fit_first_stage.py cascade # only the cascade's margins (part of ``fit``)
+    .venv/bin/python bench/fit_first_stage.py selector  # the history selector's cascade margin
 
 ``score`` runs the embedded model once per message: the message alone under every safety and response skill's
 selector prompt (`PromptScorer`, as the first stage does), the content-free input under each of them, the shipped
@@ -477,7 +479,105 @@ def fit(args) -> None:
     fitted = base.model_copy(update={"neighbours": k,
                                      "safety": Gate(weight=w_s, threshold=round(th_s, 2), center=c_s),
                                      "turn": Gate(weight=w_t, threshold=round(th_t, 2), center=c_t)})
+    fitted = fit_cascade(off, fitted, stage)
     report_tables(off, fitted, stage)
+
+
+def fit_cascade(off: Offline, constants, stage=None):
+    """The cascade's margins (`app.first_stage.Gate.sure_above` / ``sure_below``), fitted on the fit halves: for a
+    quantile q, each margin is the q-quantile of how far the LM term pushed the score the other way over the fit
+    items; the smallest q (in 0.50..1.00 by 0.01) under which no fit-half decision changes wins. Prints the share
+    of messages the LM still scores and the decisions changed, on both halves. Returns the constants with them."""
+    import numpy as np
+
+    from app.first_stage import decide
+
+    c0 = constants.model_copy(update={
+        "safety": constants.safety.model_copy(update={"sure_above": None, "sure_below": None}),
+        "turn": constants.turn.model_copy(update={"sure_above": None, "sure_below": None})})
+    rows = []
+    for it in off.items:
+        ev = off.evidence(it["text"], stage)
+        if ev is None:
+            continue
+        d = decide(ev, off.kinds, c0)
+        terms = {g: (getattr(c0, g).weight * (m - getattr(c0, g).center) if m is not None else 0.0)
+                 for g, m in d.lm_margins.items()}
+        rows.append((it["half"], ev, d.action, d.skill, terms))
+    fit_terms = {g: np.array([t[g] for h, _, _, _, t in rows if h == "fit"]) for g in ("safety", "turn")}
+
+    def with_q(q: float):
+        gates = {}
+        for g in ("safety", "turn"):
+            up = float(np.quantile(-fit_terms[g], q))  # a "yes" the LM term pulled down by this much
+            down = float(np.quantile(fit_terms[g], q))  # a "no" the LM term pushed up by this much
+            gates[g] = getattr(c0, g).model_copy(update={"sure_above": round(max(up, 0.0), 3),
+                                                         "sure_below": round(max(down, 0.0), 3)})
+        return c0.model_copy(update=gates)
+
+    def outcome(c, half):
+        items = [(ev, a, sk) for h, ev, a, sk, _ in rows if h == half]
+        skipped = changed = 0
+        for ev, action, skill in items:
+            d = decide(ev, off.kinds, c)
+            skipped += d.lm_margins["safety"] is None
+            changed += (d.action, d.skill) != (action, skill)
+        return len(items), skipped, changed
+
+    chosen = None
+    for q in [round(1.0 - 0.01 * i, 2) for i in range(51)]:
+        c = with_q(q)
+        n, skipped, changed = outcome(c, "fit")
+        if changed:
+            break
+        chosen = (q, c)
+    if chosen is None:
+        print("cascade: every quantile changes a fit decision; the LM always scores")
+        return c0
+    q, c = chosen
+    print(f"cascade fitted on the fit halves: q {q}, safety sure_above {c.safety.sure_above} sure_below "
+          f"{c.safety.sure_below}, turn sure_above {c.turn.sure_above} sure_below {c.turn.sure_below}")
+    for half in ("fit", "report"):
+        n, skipped, changed = outcome(c, half)
+        print(f"  {half:6} half: the LM scores {n - skipped}/{n} messages ({(n - skipped) / max(n, 1):.0%}); "
+              f"decisions changed against the full rule: {changed}")
+    return c
+
+
+def fit_selector_cascade(off: Offline) -> float | None:
+    """The hybrid history selector's cascade margin (``FSB_SELECTOR_SURE_MARGIN``), fitted on selector-dev's fit
+    half: the smallest margin (0.01..0.30 by 0.01) at which letting a clear embedding winner decide alone (the LM
+    not run) routes the fit half's dialogues no worse than the hybrid always scoring. The hybrid's choices come
+    from the cache (``score --phase history``); the embedding scores are recomputed. Prints both halves."""
+    from app.selector import EmbeddingScorer, registry_source, to_dialogue
+
+    scorer = EmbeddingScorer(off.stage.embedding.embedder, history_turns=5, top=3)
+    candidates = list(registry_source(off.registry)())
+    rows = []
+    for it in off.items:
+        chosen = off.history(it) if it["set"] == "selector-dev" else None
+        if chosen is None:
+            continue
+        emb = scorer.scores(to_dialogue(it["dialogue"])[-5:], candidates)
+        (first, a), (_, b) = sorted(emb.items(), key=lambda kv: -kv[1])[:2]
+        rows.append((it["half"], it["label"], off.label(chosen), off.label(first), a - b))
+
+    def figures(margin, half):
+        got = [(label, (emb if margin is not None and lead >= margin else hybrid), lead)
+               for h, label, hybrid, emb, lead in rows if h == half]
+        acc = sum(label == pick for label, pick, _ in got) / max(len(got), 1)
+        skipped = sum(margin is not None and lead >= margin for _, _, lead in got) / max(len(got), 1)
+        return len(got), acc, skipped
+
+    _, always, _ = figures(None, "fit")
+    chosen = next((m for m in _grid(0.01, 0.30, 0.01) if figures(m, "fit")[1] >= always - 1e-9), None)
+    print(f"selector cascade fitted on selector-dev's fit half: sure margin {chosen}")
+    for half in ("fit", "report"):
+        n, base, _ = figures(None, half)
+        _, acc, skipped = figures(chosen, half)
+        print(f"  {half:6} half ({n} dialogues): accuracy {base:.3f} with the LM always -> {acc:.3f} with the "
+              f"cascade; the LM skipped on {skipped:.0%}")
+    return chosen
 
 
 def _grid(lo: float, hi: float, step: float) -> list[float]:
@@ -533,7 +633,9 @@ def main() -> None:
     ft.add_argument("--weights", type=float, nargs="*", default=[0.0, 0.25, 0.5, 1.0],
                     help="LM weights tried (up to 1: the neighbour vote leads, the LM adjusts)")
     rp = sub.add_parser("report", help="the before/after table with the constants in prompts/first-stage.yaml")
-    for p in (sc, ft, rp):
+    cs = sub.add_parser("cascade", help="fit only the cascade's margins (the gates as in prompts/first-stage.yaml)")
+    sl = sub.add_parser("selector", help="fit the hybrid history selector's cascade margin (selector-dev fit half)")
+    for p in (sc, ft, rp, cs, sl):
         p.add_argument("--cache", type=Path, default=CACHE)
         p.add_argument("--shared", type=Path, default=SHARED)
         p.add_argument("--baseline", default=BASELINE_COMMIT)
@@ -542,6 +644,11 @@ def main() -> None:
         score(args)
     elif args.command == "fit":
         fit(args)
+    elif args.command == "selector":
+        fit_selector_cascade(Offline(args))
+    elif args.command == "cascade":
+        off = Offline(args)
+        fit_cascade(off, off.data.constants)
     else:
         off = Offline(args)
         report_tables(off, off.data.constants)

@@ -136,6 +136,38 @@ def test_new_skill_file_is_selectable_without_restart(lm, tmp_path):
     assert emb.skill == "taxi"  # the history repeats the taxi example word for word
 
 
+def test_the_hybrid_cascade_skips_the_lm_only_when_the_embedding_winner_is_clear(lm, tmp_path):
+    d = skills_dir(tmp_path)
+    (d / "taxi.yaml").write_text(TAXI)
+    registry = SkillRegistry(d)
+    calls = []
+
+    class Counting:  # the tiny LM, counting its scoring passes
+        def __getattr__(self, name):
+            return getattr(lm, name)
+
+        def score_prefixes(self, *a, **kw):
+            calls.append(a)
+            return lm.score_prefixes(*a, **kw)
+
+    clear = [["i need a taxi to the station at 5 pm .", ""]]  # the taxi example word for word: a wide lead
+    emb = Selector(registry_source(registry), embedder=HashingEmbedder(), method="embedding").select(clear)
+    lead = emb.scores["taxi"] - emb.scores["persona"]
+    assert lead > 0.1
+    sure = Selector(registry_source(registry), lm=Counting(), embedder=HashingEmbedder(), layout=LAYOUT,
+                    method="hybrid", sure_margin=lead / 2)
+    got = sure.select(clear)
+    assert (got.skill, got.method, got.trace()["decided_by"], calls) == ("taxi", "hybrid", "embedding", [])
+    strict = Selector(registry_source(registry), lm=Counting(), embedder=HashingEmbedder(), layout=LAYOUT,
+                      method="hybrid", sure_margin=lead + 0.01)
+    got = strict.select(clear)
+    assert len(calls) == 1 and "decided_by" not in got.trace()  # the lead is short of the margin: the LM scores
+    always = Selector(registry_source(registry), lm=Counting(), embedder=HashingEmbedder(), layout=LAYOUT,
+                      method="hybrid", sure_margin=0)
+    always.select(clear)
+    assert len(calls) == 2
+
+
 def test_forced_skill_wins_and_unknown_force_is_an_error(lm, tmp_path):
     d = skills_dir(tmp_path)
     (d / "taxi.yaml").write_text(TAXI)
