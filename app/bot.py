@@ -11,6 +11,7 @@ import logging
 import re
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -52,6 +53,44 @@ class Reply:
     message_id: int | None = None  # the stored reply's row, for a turn in a session
 
 
+class Activity:
+    """Which turns are in flight, so background work (memory extraction) can wait for a quiet moment instead of
+    taking the model from a user who is waiting for a first token. Streams are held weakly: one dropped without being
+    read stops counting when it is collected."""
+
+    def __init__(self, settle_s: float = 0.3, limit_s: float = 10.0):
+        self.settle_s, self.limit_s = settle_s, limit_s
+        self._live: "weakref.WeakSet[TurnStream]" = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._last_end = time.monotonic()
+
+    def start(self, stream: "TurnStream") -> None:
+        with self._lock:
+            self._live.add(stream)
+
+    def end(self, stream: "TurnStream") -> None:
+        with self._lock:
+            self._live.discard(stream)
+            self._last_end = time.monotonic()
+
+    @property
+    def busy(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def wait_quiet(self, urgent: threading.Event | None = None) -> float:
+        """Block until no turn has been in flight for ``settle_s`` (or ``limit_s`` passed, or ``urgent`` is set);
+        returns the seconds waited."""
+        started = time.monotonic()
+        while time.monotonic() - started < self.limit_s and not (urgent is not None and urgent.is_set()):
+            with self._lock:
+                quiet = not self._live and time.monotonic() - self._last_end >= self.settle_s
+            if quiet:
+                break
+            time.sleep(0.02)
+        return time.monotonic() - started
+
+
 class TurnStream:
     """Iterate for the reply's text pieces; afterwards ``.reply`` holds the whole `Reply`.
 
@@ -61,11 +100,12 @@ class TurnStream:
     """
 
     def __init__(self, pieces: Iterator[str], finish: Callable[[str], Reply],
-                 after: Callable[[Reply], None] | None = None):
+                 after: Callable[[Reply], None] | None = None, ended: Callable[[], None] | None = None):
         self._pieces = pieces
         self._finish = finish
         self._steps: list[Callable[[Reply], None]] = []
         self._after = after
+        self._ended = ended  # called once, when the reply is out or the stream was closed
         self.reply: Reply | None = None
 
     def on_reply(self, step: Callable[[Reply], None]) -> "TurnStream":
@@ -83,10 +123,13 @@ class TurnStream:
         finally:
             if not spent:  # the consumer stopped early (a client went away): stop the model too
                 self.close()
-        reply = self._finish("".join(parts))
-        for step in self._steps:
-            step(reply)
-        self.reply = reply
+        try:
+            reply = self._finish("".join(parts))
+            for step in self._steps:
+                step(reply)
+            self.reply = reply
+        finally:
+            self._end()
         if self._after is not None:
             self._after(reply)
 
@@ -95,6 +138,12 @@ class TurnStream:
         close = getattr(self._pieces, "close", None)
         if close is not None:
             close()
+        self._end()
+
+    def _end(self) -> None:
+        ended, self._ended = self._ended, None
+        if ended is not None:
+            ended()
 
     def text(self) -> str:
         return "".join(self)
@@ -155,6 +204,9 @@ class Bot:
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsb-memory")
         self._pending: dict[str, Future] = {}  # user -> that user's latest memory job
         self._pending_lock = threading.Lock()
+        # ... and waits for a quiet moment first: a turn in flight keeps the model (see `Activity`).
+        self.activity = Activity()
+        self._urgent: dict[str, threading.Event] = {}  # user -> set when a turn waits for that user's memory
 
     @property
     def selector(self):
@@ -280,7 +332,9 @@ class Bot:
                     and self.settings.memory_skill in self.skills)
         after = (lambda reply: self._remember_later(user, dialogue, reply)) if remember else None
         stream = _with_notice(notice, _drop_leading_space(pieces))
-        return TurnStream(stream, finish, after)
+        out = TurnStream(stream, finish, after, ended=lambda: self.activity.end(out))
+        self.activity.start(out)
+        return out
 
     def _markers(self) -> list[str]:
         """Every layout marker a retrieved page could imitate: speaker labels and header lines of all skill
@@ -310,18 +364,26 @@ class Bot:
     # --------------------------------------------------------------------------------------------- memory
     def _remember_later(self, user: str, dialogue, reply: Reply) -> None:
         """Queue fact extraction for after the reply; its step joins the turn's trace (and the stored one)."""
+        urgent = threading.Event()
+
         def job():
-            self._remember(user, dialogue, reply.trace)
+            waited = self.activity.wait_quiet(urgent)  # a waiting user's turn goes first
+            self._remember(user, dialogue, reply.trace, waited)
             if reply.message_id is not None and self.store is not None:
                 self.store.set_trace(reply.message_id, reply.trace)
 
         with self._pending_lock:
+            self._urgent[user] = urgent
             self._pending[user] = self._background.submit(_logged(job))
 
     def wait_for_memory(self, user: str | None = None, timeout: float = 30.0) -> None:
-        """Wait until queued memory extraction (for ``user``, or everyone) is done."""
+        """Wait until queued memory extraction (for ``user``, or everyone) is done; it starts at once, without
+        waiting for a quiet moment."""
         with self._pending_lock:
             jobs = list(self._pending.values()) if user is None else [self._pending.get(user)]
+            for event in (self._urgent.values() if user is None else [self._urgent.get(user)]):
+                if event is not None:
+                    event.set()
         for job in jobs:
             if job is not None:
                 try:
@@ -368,18 +430,23 @@ class Bot:
                 progress(i, len(prefixes), what)
         return len(prefixes)
 
-    def _remember(self, user: str, dialogue, trace: dict) -> None:
-        """The persona-extraction parser reads the user's turn; the facts it finds go to long-term memory."""
+    def _remember(self, user: str, dialogue, trace: dict, waited_s: float = 0.0) -> None:
+        """The persona-extraction parser reads the user's turn; the facts it finds go to long-term memory.
+        ``waited_s``: how long the job waited for a quiet moment (in the step's trace)."""
         name = self.settings.memory_skill
         if name not in self.skills:
             return
         started = time.perf_counter()
+
+        def note(**info):  # the remember step, with how long it waited for a quiet moment
+            _step(trace, "remember", started, waited_s=round(waited_s, 3), **info)
+
         split = self.messages.get("fact_split", r"(?<=[.!?])\s+")
         # Questions reveal nothing lasting about the user: only the message's statements go to the parser.
         statements = [x.strip() for x in re.split(split, dialogue[-1][0].strip()) if x.strip()
                       and not x.strip().endswith("?")]
         if not statements:
-            _step(trace, "remember", started, facts=[], added=0, skipped="no statements in the message")
+            note(facts=[], added=0, skipped="no statements in the message")
             return
         try:
             text = self._run_parser(self.skills.get(name), [[" ".join(statements), ""]])
@@ -389,11 +456,10 @@ class Bot:
                      and f.strip().rstrip(".").lower() not in no_facts]
             facts = [f for f in found if keep.search(f)]
             added = self.knowledge.remember(user, facts)
-            _step(trace, "remember", started, facts=facts, added=len(added),
-                  dropped=[f for f in found if f not in facts] or None)
+            note(facts=facts, added=len(added), dropped=[f for f in found if f not in facts] or None)
         except Exception as exc:  # noqa: BLE001 - memory is best effort; the reply already went out
             log.warning("memory update failed: %s", exc)
-            _step(trace, "remember", started, error=str(exc))
+            note(error=str(exc))
 
     # ------------------------------------------------------------------------------------------- prompting
     def _budget(self) -> int:
