@@ -99,6 +99,7 @@ def test_fsb_eval_retrieval_prints_one_json_object(data_dir, monkeypatch, tmp_pa
     result = CliRunner().invoke(cli, ["eval", "retrieval", "--data-dir", str(data_dir), "--limit", "2", "--json",
                                       "--model", "tiny"])
     assert result.exit_code == 0, result.output
+    assert result.stderr == ""  # --json: no progress bars, no indexing lines
     out = json.loads(result.stdout)
     assert {"kb_recall_at_5", "kb_recall_at_5_bm25", "kb_recall_at_5_dense", "query_f1", "triple_f1", "n"} <= set(out)
     assert out["n"] == 2 and out["n_query"] == 2 and out["n_triple"] == 1

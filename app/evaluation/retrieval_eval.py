@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -109,7 +109,7 @@ def fit_fusion(found: list, gold: list[set[int]], which: list[int]):
 
 
 def kb_recall(records: Sequence[dict], limit: int | None, embedder, k: int = K, *, starter_kb: bool = False,
-              log: Callable[[str], None] = lambda s: None) -> dict:
+              log: Callable[[str], None] = lambda s: None, quiet: bool = True) -> dict:
     """Recall@k of the gold knowledge sentence, per search mode, over a KB made of every record's knowledge (and the
     starter documents with ``starter_kb``): fusion fitted on one half of the queries, figures from the other half."""
     from retrievers import starter_kb_dir
@@ -127,14 +127,23 @@ def kb_recall(records: Sequence[dict], limit: int | None, embedder, k: int = K, 
         kb = KnowledgeBase(db, embedder)
         started = time.perf_counter()
         log(f"indexing {len(passages)} knowledge sentences (FTS5 + {getattr(embedder, 'name', 'embeddings')}) ...")
-        result = kb.add(corpus)
-        starter = [kb.add(f) for f in expand_paths([starter_kb_dir()])] if starter_kb else []
+        from . import report
+
+        files = [corpus] + (list(expand_paths([starter_kb_dir()])) if starter_kb else [])
+        with report.progress_bar(sum(os.path.getsize(f) for f in files), "indexing", quiet=quiet) as bar:
+            bar.unit, bar.unit_scale = "B", True
+            result = kb.add(corpus, progress=bar.update)
+            starter = [kb.add(f, progress=bar.update) for f in files[1:]]
+        found = []
         log(f"indexed {result.chunks} passages and {sum(r.chunks for r in starter)} starter passages in "
             f"{time.perf_counter() - started:.1f} s; {len(queries)} queries")
         texts = {r[0]: _norm(r[1]) for r in db.execute("SELECT id, text FROM kb_chunks").fetchall()}
         gold = [{cid for cid, t in texts.items() for g in q["gold"] if _norm(g) in t} for q in queries]
         started = time.perf_counter()
-        found = [kb.candidates(q["query"], max(k * 4, 50)) for q in queries]
+        with report.progress_bar(len(queries), "searching", quiet=quiet) as bar:
+            for q in queries:
+                found.append(kb.candidates(q["query"], max(k * 4, 50)))
+                bar.update(1)
         candidates_ms = 1000 * (time.perf_counter() - started) / len(queries)
 
         n = len(queries)
@@ -180,7 +189,7 @@ def kb_recall(records: Sequence[dict], limit: int | None, embedder, k: int = K, 
 
 
 def parser_scores(settings: Settings, lm, skill_name: str, folder: Path, limit: int | None,
-                  log: Callable[[str], None] = lambda s: None) -> dict:
+                  log: Callable[[str], None] = lambda s: None, quiet: bool = True) -> dict:
     """Run a parser skill over its data folder with ``fsb eval skill``'s code; metrics as fractions."""
     from ..skills import load_dir
     from .skill_eval import dataset_name, evaluate, read_records, samples_for
@@ -193,18 +202,18 @@ def parser_scores(settings: Settings, lm, skill_name: str, folder: Path, limit: 
                           history=settings.history_turns)
     log(f"{skill_name}: generating for {len(samples)} dialogues of {folder.name} ...")
 
-    def progress(done: int, total: int) -> None:
-        if sys.stderr.isatty():
-            click.echo(f"\r  {done}/{total}", nl=done == total, err=True)
+    from . import report
 
-    result = evaluate(skill, samples, lm, dataset_name(folder), settings.context_tokens, perplexity=False,
-                      progress=progress)
+    with report.progress_bar(len(samples), skill_name, quiet=quiet) as bar:
+        result = evaluate(skill, samples, lm, dataset_name(folder), settings.context_tokens, perplexity=False,
+                          progress=lambda done, total: bar.update(done - bar.n))
     return {"n": result.n, "seconds_per_sample": round(result.seconds / max(result.n, 1), 2),
             **{k: round(v / 100, 4) for k, v in result.metrics.items()}}
 
 
 def run(settings: Settings, data_dir: Path, limit: int | None, *, lm=None, embedder=None, parsers: bool = True,
-        kb_limit: int | None = None, starter_kb: bool = False, log: Callable[[str], None] = lambda s: None) -> dict:
+        kb_limit: int | None = None, starter_kb: bool = False, log: Callable[[str], None] = lambda s: None,
+        quiet: bool = True) -> dict:
     """Every measurement on ``data_dir``: at most ``limit`` parser dialogues and ``kb_limit`` KB queries (by default
     ``limit`` too; ``None``: all). ``starter_kb`` adds the starter documents to the KB's corpus (the command does)."""
     from .skill_eval import EvalError, read_records
@@ -221,15 +230,15 @@ def run(settings: Settings, data_dir: Path, limit: int | None, *, lm=None, embed
         embedder = default_embedder()
     try:
         kb = kb_recall(read_records(folder("wow")), limit if kb_limit is None else kb_limit, embedder,
-                       starter_kb=starter_kb, log=log)
+                       starter_kb=starter_kb, log=log, quiet=quiet)
         out = {**kb, "n_kb": kb["n"]}
         if parsers:
             if lm is None:
                 from ..lm import load_lm
 
                 lm = load_lm(settings, progress=log)
-            query = parser_scores(settings, lm, "wit-parse", folder("wit-parse"), limit, log)
-            triple = parser_scores(settings, lm, "dialkg-parse", folder("dialKG-parse"), limit, log)
+            query = parser_scores(settings, lm, "wit-parse", folder("wit-parse"), limit, log, quiet)
+            triple = parser_scores(settings, lm, "dialkg-parse", folder("dialKG-parse"), limit, log, quiet)
             out.update(query_f1=query["query_f1"], query_exact_match=query["exact_match"], n_query=query["n"],
                        triple_f1=triple.get("triple_f1"), triple_unigram_f1=triple["query_f1"],
                        triple_exact_match=triple["exact_match"], n_triple=triple["n"],
@@ -297,6 +306,10 @@ def retrieval_command(ctx, data_dir, limit, model, no_parsers, embedder, no_star
     the wit-parse skill and triple F1 of the dialkg-parse skill. Figures are fractions (0-1)."""
     from retrievers.embed import HashingEmbedder, default_embedder
 
+    from . import report
+
+    if as_json:
+        report.quiet_libraries()
     base = ctx.obj if isinstance(ctx.obj, Settings) else Settings.load()
     settings = base.replace(model=model) if model else base
     data_dir = data_dir or DEFAULT_DATA_DIR
@@ -304,5 +317,6 @@ def retrieval_command(ctx, data_dir, limit, model, no_parsers, embedder, no_star
         raise click.ClickException(f"no data folder at {data_dir}; pass --data-dir")
     out = run(settings, data_dir, 100 if limit is None else limit, kb_limit=KB_LIMIT if limit is None else limit,
               parsers=not no_parsers, embedder=HashingEmbedder() if embedder == "hashing" else default_embedder(),
-              starter_kb=not no_starter_kb, log=lambda line: click.echo(line, err=True))
+              starter_kb=not no_starter_kb, quiet=as_json,
+              log=(lambda line: None) if as_json else (lambda line: click.echo(line, err=True)))
     click.echo(json.dumps(out) if as_json else format_report(out))
