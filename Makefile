@@ -18,9 +18,12 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_BLAS=OFF -DLLAMA_CU
 
 # Serving: the CPU build of torch (from the local wheel), then the package and its runtime dependencies only.
 $(STAMP): pyproject.toml setup.py Makefile
+	@echo "[setup] 1/3 creating $(VENV) (the install takes under 2 minutes on 2 cores; the model is converted at the first start)"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	@echo "[setup] 2/3 installing $(TORCH) (CPU build)"
 	$(BIN)/pip install --quiet "$(TORCH)"
+	@echo "[setup] 3/3 installing Few-Shot Bot and its runtime dependencies"
 	$(BIN)/pip install --quiet -e .
 	touch $(STAMP)
 
@@ -28,7 +31,9 @@ $(STAMP): pyproject.toml setup.py Makefile
 # OpenAI-compatible server, for the remote-backend tests (a real server on loopback). PyPI has only its source: the
 # first build takes several minutes on 2 cores; pip caches the wheel for later setups.
 $(TEST_STAMP): $(STAMP)
+	@echo "[setup-test] 1/2 installing the test tools (pytest, openai, playwright, hypothesis, schemathesis)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	@echo "[setup-test] 2/2 building llama-cpp-python's server from source (once: 10-15 minutes on 2 cores; pip caches the wheel)"
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install --quiet "$(LLAMA)"
 	touch $(TEST_STAMP)
 
