@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+from .knowledge import kb_query
 from .lm import LM, Sampling
 from .router import Route, Router
 from .router import UnknownSkill as RouterUnknownSkill
@@ -297,7 +298,7 @@ class Bot:
             if user and chosen.retriever == "memory":
                 self.wait_for_memory(user, timeout=3.0)  # read your own writes, briefly: the last turn's facts
             parsed = self._parse(chosen, dialogue, trace)
-            query = dialogue[-1][0]
+            query = kb_query(dialogue) if chosen.retriever == "kb" else dialogue[-1][0]
             if parsed is not None:
                 target, text = parsed
                 if target == "query":

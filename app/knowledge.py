@@ -22,6 +22,19 @@ FIELD_FOR = {"kb": "knowledge", "web": "knowledge", "kg": "knowledge", "memory":
 _ZWSP = "\u200b"
 
 
+def kb_query(dialogue) -> str:
+    """What the knowledge base is asked for the open turn of ``dialogue`` (``[user, assistant]`` pairs, the last one
+    open) when no parser writes the query: the assistant's previous reply, which carries the topic so far, then the
+    user's message. Follow-ups ("what else do they eat?") name no topic of their own. `fsb eval retrieval` builds its
+    queries with this same function; on the Wizard-of-Wikipedia fit half it beat the user's message alone (recall@5
+    0.575 against 0.410) and the two previous turns (0.555), and on the report half it holds (0.480 against 0.400)."""
+    if not dialogue:
+        return ""
+    last = str(dialogue[-1][0] or "").strip()
+    previous = str(dialogue[-2][1] or "").strip() if len(dialogue) > 1 and len(dialogue[-2]) > 1 else ""
+    return f"{previous} {last}".strip() if previous else last
+
+
 @dataclass
 class Retrieved:
     fields: dict = field(default_factory=dict)

@@ -76,9 +76,29 @@ def data_dir(tmp_path) -> Path:
 def test_kb_queries_pair_each_user_turn_with_its_knowledge(data_dir):
     records = json.loads((data_dir / "wow" / "valid.json").read_text())
     queries = kb_queries(records, None)
-    assert [q["query"] for q in queries] == ["Tell me about the kiwi bird from New Zealand", "zzz qqq",
+    # each query is what the bot would ask (app.knowledge.kb_query): a follow-up carries the previous reply
+    assert [q["query"] for q in queries] == ["Tell me about the kiwi bird from New Zealand", "It cannot fly. zzz qqq",
                                              "How high is Mount Everest above sea level?"]
     assert kb_queries(records, 1) == queries[:1]
+
+
+def test_the_bot_asks_its_knowledge_base_what_the_evaluation_measures(settings, tiny_lm):
+    from retrievers.embed import HashingEmbedder
+
+    from app.knowledge import kb_query
+    from app.server import build_bot
+
+    assert kb_query([["Tell me about kiwis", ""]]) == "Tell me about kiwis"
+    assert kb_query([["Tell me about kiwis", "Kiwis are flightless birds."], ["what do they eat?", ""]]) == \
+        "Kiwis are flightless birds. what do they eat?"
+    bot = build_bot(settings, lm=tiny_lm, embedder=HashingEmbedder())
+    messages = [{"role": "user", "content": "Tell me about kiwis"},
+                {"role": "assistant", "content": "Kiwis are flightless birds."},
+                {"role": "user", "content": "what do they eat?"}]
+    stream = bot.turn(messages, skill="wow", max_tokens=2)
+    stream.text()
+    step = next(s for s in stream.reply.trace["steps"] if s["step"] == "retrieve")
+    assert step["retriever"] == "kb" and step["query"] == "Kiwis are flightless birds. what do they eat?"
 
 
 def test_retrieval_recall_by_hand_on_the_real_kb(data_dir, settings, tiny_lm):

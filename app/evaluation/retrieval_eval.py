@@ -4,9 +4,9 @@ Three measurements, each on the data folder's own records (see ``shared/data/REA
 
 - **KB recall@5** (``wow``): a fresh knowledge base (the real SQLite FTS5 + embedding store) holds every knowledge
   sentence of the split's Wizard-of-Wikipedia records, one passage each, beside the starter documents
-  (``retrievers/starter_kb``, as a user's knowledge base would hold them). Each scored turn is a query: the user's
-  message, as the bot sends it to the ``wow`` skill's retriever; a hit is a gold knowledge sentence among the top 5
-  passages. The queries are split in two halves with a fixed seed: hybrid search's fusion weights and relevance floor
+  (``retrievers/starter_kb``, as a user's knowledge base would hold them). Each scored turn is a query, built as the
+  bot builds it for the ``wow`` skill's retriever (`app.knowledge.kb_query`: the previous reply and the message); a
+  hit is a gold knowledge sentence among the top 5 passages. The queries are split in two halves with a fixed seed: hybrid search's fusion weights and relevance floor
   are fitted on the *fit* half, and every ``kb_recall_at_5*`` figure is measured on the *report* half (the ``_fit``
   figures are the fit half's). Reported for hybrid search and for BM25 and embeddings alone.
 - **query F1** (``wit-parse``): the search-query parser skill generates a query for the dialogue; unigram F1 and exact
@@ -54,14 +54,18 @@ def _sentences(meta_turn) -> list[str]:
 
 
 def kb_queries(records: Sequence[dict], limit: int | None) -> list[dict]:
-    """One query per turn that has knowledge: ``{"query", "gold": [sentences]}``, the first ``limit`` of them."""
+    """One query per turn that has knowledge: ``{"query", "gold": [sentences]}``, the first ``limit`` of them. The
+    query is what the bot asks its knowledge base at that turn (`app.knowledge.kb_query`)."""
+    from ..knowledge import kb_query
+
     out: list[dict] = []
     for record in records:
         meta = record.get("meta") or []
-        for i, (user, _bot) in enumerate(record.get("dialogue") or []):
+        dialogue = [list(t) for t in record.get("dialogue") or []]
+        for i, (user, _bot) in enumerate(dialogue):
             gold = _sentences(meta[i]) if i < len(meta) else []
             if user.strip() and gold:
-                out.append({"query": user, "gold": gold})
+                out.append({"query": kb_query(dialogue[:i] + [[user, ""]]), "gold": gold})
                 if limit is not None and len(out) >= limit:
                     return out
     return out
