@@ -55,37 +55,53 @@ class Reply:
 
 
 class Activity:
-    """Which turns are in flight, so background work (memory extraction) can wait for a quiet moment instead of
-    taking the model from a user who is waiting for a first token. Streams are held weakly: one dropped without being
-    read stops counting when it is collected."""
+    """Which turns are still before their first token, so background work (memory extraction) can wait until none
+    is: routing and prefill hold the model for seconds, while generation shares its forward passes (continuous
+    batching), so extraction that starts once every turn in flight is decoding costs those users little. Streams are
+    held weakly: one dropped without being read stops counting when it is collected."""
 
-    def __init__(self, settle_s: float = 0.3, limit_s: float = 10.0):
+    def __init__(self, settle_s: float = 0.2, limit_s: float = 10.0):
         self.settle_s, self.limit_s = settle_s, limit_s
         self._live: "weakref.WeakSet[TurnStream]" = weakref.WeakSet()
+        self._starting: "weakref.WeakSet[TurnStream]" = weakref.WeakSet()  # no text out yet
         self._lock = threading.Lock()
-        self._last_end = time.monotonic()
+        self._last_change = time.monotonic()
 
     def start(self, stream: "TurnStream") -> None:
         with self._lock:
             self._live.add(stream)
+            self._starting.add(stream)
+
+    def first_piece(self, stream: "TurnStream") -> None:
+        with self._lock:
+            self._starting.discard(stream)
+            self._last_change = time.monotonic()
 
     def end(self, stream: "TurnStream") -> None:
         with self._lock:
             self._live.discard(stream)
-            self._last_end = time.monotonic()
+            self._starting.discard(stream)
+            self._last_change = time.monotonic()
 
     @property
     def busy(self) -> int:
+        """Turns in flight."""
         with self._lock:
             return len(self._live)
 
+    @property
+    def starting(self) -> int:
+        """Turns in flight that have not streamed their first piece."""
+        with self._lock:
+            return len(self._starting)
+
     def wait_quiet(self, urgent: threading.Event | None = None) -> float:
-        """Block until no turn has been in flight for ``settle_s`` (or ``limit_s`` passed, or ``urgent`` is set);
-        returns the seconds waited."""
+        """Block until no turn has been before its first token for ``settle_s`` (or ``limit_s`` passed, or
+        ``urgent`` is set); returns the seconds waited."""
         started = time.monotonic()
         while time.monotonic() - started < self.limit_s and not (urgent is not None and urgent.is_set()):
             with self._lock:
-                quiet = not self._live and time.monotonic() - self._last_end >= self.settle_s
+                quiet = not self._starting and time.monotonic() - self._last_change >= self.settle_s
             if quiet:
                 break
             time.sleep(0.02)
@@ -101,12 +117,14 @@ class TurnStream:
     """
 
     def __init__(self, pieces: Iterator[str], finish: Callable[[str], Reply],
-                 after: Callable[[Reply], None] | None = None, ended: Callable[[], None] | None = None):
+                 after: Callable[[Reply], None] | None = None, ended: Callable[[], None] | None = None,
+                 first: Callable[[], None] | None = None):
         self._pieces = pieces
         self._finish = finish
         self._steps: list[Callable[[Reply], None]] = []
         self._after = after
         self._ended = ended  # called once, when the reply is out or the stream was closed
+        self._first = first  # called once, with the first piece of text
         self.reply: Reply | None = None
 
     def on_reply(self, step: Callable[[Reply], None]) -> "TurnStream":
@@ -118,6 +136,9 @@ class TurnStream:
         spent = False
         try:
             for piece in self._pieces:
+                if self._first is not None:
+                    first, self._first = self._first, None
+                    first()
                 parts.append(piece)
                 yield piece
             spent = True
@@ -205,7 +226,7 @@ class Bot:
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsb-memory")
         self._pending: dict[str, Future] = {}  # user -> that user's latest memory job
         self._pending_lock = threading.Lock()
-        # ... and waits for a quiet moment first: a turn in flight keeps the model (see `Activity`).
+        # ... once no turn in flight is still before its first token (see `Activity`).
         self.activity = Activity()
         self._urgent: dict[str, threading.Event] = {}  # user -> set when a turn waits for that user's memory
 
@@ -333,7 +354,8 @@ class Bot:
                     and self.settings.memory_skill in self.skills)
         after = (lambda reply: self._remember_later(user, dialogue, reply)) if remember else None
         stream = _with_notice(notice, _drop_leading_space(pieces))
-        out = TurnStream(stream, finish, after, ended=lambda: self.activity.end(out))
+        out = TurnStream(stream, finish, after, ended=lambda: self.activity.end(out),
+                         first=lambda: self.activity.first_piece(out))
         self.activity.start(out)
         return out
 
@@ -368,7 +390,7 @@ class Bot:
         urgent = threading.Event()
 
         def job():
-            waited = self.activity.wait_quiet(urgent)  # a waiting user's turn goes first
+            waited = self.activity.wait_quiet(urgent)  # turns waiting for their first token go first
             self._remember(user, dialogue, reply.trace, waited)
             if reply.message_id is not None and self.store is not None:
                 self.store.set_trace(reply.message_id, reply.trace)

@@ -72,9 +72,10 @@ def test_no_user_means_nothing_is_remembered(settings, tiny_lm):
     assert not any(p.endswith("User Facts:") for p in lm.prompts)
 
 
-def test_memory_extraction_waits_for_a_quiet_moment_unless_a_turn_needs_it(settings, tiny_lm):
-    """Extraction after a reply does not take the model from another user's turn in flight: it starts once no turn
-    has been running for a moment; a turn that reads the user's memory makes it start at once."""
+def test_memory_extraction_waits_while_a_turn_is_before_its_first_token(settings, tiny_lm):
+    """Extraction after a reply does not take the model from a turn that is still routing or prefilling: it starts
+    once every turn in flight has streamed its first piece (decoding shares the batched model); a turn that reads
+    the user's memory makes it start at once."""
     import time
 
     from app.server import build_bot
@@ -82,20 +83,24 @@ def test_memory_extraction_waits_for_a_quiet_moment_unless_a_turn_needs_it(setti
     lm = ScriptedFacts(tiny_lm, "I have a cat.", "User Facts:")
     bot = build_bot(settings.replace(memory=True), lm=lm, embedder=HashingEmbedder())
     bot.activity.limit_s = 30.0
-    other = bot.turn([{"role": "user", "content": "hello there"}], skill="persona", max_tokens=2)  # in flight
-    assert bot.activity.busy == 1
+    other = bot.turn([{"role": "user", "content": "hello there"}], skill="persona", max_tokens=3)  # not started
+    assert (bot.activity.busy, bot.activity.starting) == (1, 1)
     stream = bot.turn([{"role": "user", "content": "my cat is called Tom"}], skill="persona", max_tokens=2,
                       user="dana")
     stream.text()
     time.sleep(0.6)
     assert bot.knowledge.memory.list("dana") == [] and not any(p.endswith("User Facts:") for p in lm.prompts)
-    other.text()  # the other turn ends: the job goes once the server has been quiet for settle_s
+    pieces = iter(other)
+    next(pieces)  # the other turn streams its first piece: it is decoding now, and extraction may go
+    assert (bot.activity.busy, bot.activity.starting) == (1, 0)
     deadline = time.monotonic() + 10
     while not bot.knowledge.memory.list("dana") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [f.text for f in bot.knowledge.memory.list("dana")] == ["I have a cat."]
     assert stream.reply.trace["steps"][-1]["waited_s"] >= 0.5
-    # a turn in flight, but someone needs the memory now: no waiting
+    list(pieces)
+    assert bot.activity.busy == 0
+    # a turn before its first token, but someone needs the memory now: no waiting
     busy = bot.turn([{"role": "user", "content": "hi again"}], skill="persona", max_tokens=2)
     again = bot.turn([{"role": "user", "content": "I have a dog called Rex."}], skill="persona", max_tokens=2,
                      user="lee")
