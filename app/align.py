@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .lm.base import Sampling, StopScanner
-from .skills import Generation, _compile, _line_for, _line_map, context_budget
+from .skills import Generation, _compile, _line_for, _line_map, context_budget, validation_problem, yaml_problem
 
 log = logging.getLogger(__name__)
 
@@ -139,25 +139,16 @@ def load_align_prompt(path: Path) -> AlignPrompt:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        raise AlignError(f"YAML syntax error: {getattr(exc, 'problem', None) or exc}", path,
-                         mark.line + 1 if mark else 1) from None
+        line, msg = yaml_problem(exc)
+        raise AlignError(msg, path, line) from None
     if not isinstance(data, dict):
         raise AlignError("an alignment prompt file must be a mapping (name:, preamble:, exchange:, examples: ...)", path)
     lines = _line_map(node)
     try:
         prompt = AlignPrompt(**data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        what = ".".join(str(p) for p in loc) or "file"
-        if err["type"] == "missing":
-            msg = f"missing required key '{what}'"
-        elif err["type"] == "extra_forbidden":
-            msg = f"unknown key '{what}' (see prompts/README.md for the allowed keys)"
-        else:
-            msg = f"{what}: {err['msg']}"
-        raise AlignError(msg, path, _line_for(lines, loc)) from None
+        line, msg, _ = validation_problem(exc, lines, "(see prompts/README.md for the allowed keys)")
+        raise AlignError(msg, path, line) from None
     prompt.path = str(path)
     _check(prompt, lines)
     return prompt

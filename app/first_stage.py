@@ -50,22 +50,18 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .selector import Candidate, Selector, turn_level
+from .skills import FileProblem
 
 log = logging.getLogger(__name__)
 
 DECLINE, TAKE, PASS = "decline", "take", "pass"
 
 
-class FirstStageError(Exception):
+class FirstStageError(FileProblem):
     """A problem in a first-stage data file, located at ``path:line``."""
-
-    def __init__(self, path: Path | str, line: int, message: str):
-        self.path, self.line, self.message = str(path), line, message
-        super().__init__(f"{self.path}:{line}: {message}")
 
 
 # ------------------------------------------------------------------------------------------------- data files
@@ -143,35 +139,15 @@ class Examples(BaseModel):
 
 def _load_yaml(path: Path, model: type[BaseModel]):
     """Parse ``path`` into ``model``; every problem is a `FirstStageError` at the file's line."""
-    from .skills import _line_for, _line_map
+    from .skills import read_mapping, validation_problem
 
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FirstStageError(path, 1, f"cannot read the file: {exc}") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        raise FirstStageError(path, mark.line + 1 if mark else 1,
-                              f"YAML syntax error: {getattr(exc, 'problem', None) or exc}") from None
-    if not isinstance(data, dict):
-        raise FirstStageError(path, 1, f"the file must be a mapping of keys ({', '.join(model.model_fields)})")
-    lines = _line_map(node)
+    data, lines = read_mapping(path, FirstStageError,
+                               f"the file must be a mapping of keys ({', '.join(model.model_fields)})")
     try:
         value = model(**data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        what = ".".join(str(p) for p in loc) or "file"
-        if err["type"] == "missing":
-            msg = f"missing required key '{what}'"
-        elif err["type"] == "extra_forbidden":
-            msg = f"unknown key '{what}' (allowed: {', '.join(model.model_fields)})"
-        else:
-            msg = f"{what}: {err['msg']}"
-        raise FirstStageError(path, _line_for(lines, loc), msg) from None
+        line, msg, _ = validation_problem(exc, lines, f"(allowed: {', '.join(model.model_fields)})")
+        raise FirstStageError(path, line, msg) from None
     return value, lines
 
 

@@ -25,12 +25,16 @@ OPEN = "\x00"  # stands where the target goes in a query; the prompt is cut just
 RETRIEVERS = ("none", "kb", "kg", "web", "memory")
 
 
-class SkillError(Exception):
-    """A problem in a skill file, located at ``path:line``."""
+class FileProblem(Exception):
+    """A problem in a data file (a skill, the first stage's constants…), located at ``path:line``."""
 
     def __init__(self, path: Path | str, line: int, message: str):
         self.path, self.line, self.message = str(path), line, message
         super().__init__(f"{self.path}:{line}: {message}")
+
+
+class SkillError(FileProblem):
+    """A problem in a skill file, located at ``path:line``."""
 
 
 class Generation(BaseModel):
@@ -225,38 +229,55 @@ def _line_for(lines: dict[tuple, int], loc: tuple) -> int:
     return 1
 
 
-def load_skill(path: Path) -> Skill:
-    """Parse and validate one skill file. Raises `SkillError` naming the file, the line and the fix."""
+def yaml_problem(exc: yaml.YAMLError) -> tuple[int, str]:
+    """The 1-based line and the message of a YAML syntax error."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    return (mark.line + 1 if mark else 1), f"YAML syntax error: {getattr(exc, 'problem', None) or exc}"
+
+
+def validation_problem(exc: ValidationError, lines: dict[tuple, int], unknown_hint: str) -> tuple[int, str, tuple]:
+    """The line, the message and the key path of a data file's first validation error; ``unknown_hint`` follows an
+    unknown key's name, e.g. ``"(allowed: a, b)"``."""
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    what = ".".join(str(p) for p in loc) or "file"
+    if err["type"] == "missing":
+        msg = f"missing required key '{what}'"
+    elif err["type"] == "extra_forbidden":
+        msg = f"unknown key '{what}' {unknown_hint}"
+    else:
+        msg = f"{what}: {err['msg']}"
+    return _line_for(lines, loc), msg, loc
+
+
+def read_mapping(path: Path, error: type[FileProblem], not_mapping: str) -> tuple[dict, dict[tuple, int]]:
+    """A YAML file that must hold a mapping: its data and the line of every key path. Unreadable files, YAML syntax
+    errors and other top-level shapes raise ``error`` at their line (``not_mapping`` says what the file should be)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise SkillError(path, 1, f"cannot read the file: {exc}") from None
+        raise error(path, 1, f"cannot read the file: {exc}") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = mark.line + 1 if mark else 1
-        raise SkillError(path, line, f"YAML syntax error: {getattr(exc, 'problem', None) or exc}") from None
+        raise error(path, *yaml_problem(exc)) from None
     if not isinstance(data, dict):
-        raise SkillError(path, 1, "a skill file must be a mapping of keys (name:, kind:, template:, examples: ...)")
-    lines = _line_map(node)
+        raise error(path, 1, not_mapping)
+    return data, _line_map(node)
+
+
+def load_skill(path: Path) -> Skill:
+    """Parse and validate one skill file. Raises `SkillError` naming the file, the line and the fix."""
+    data, lines = read_mapping(path, SkillError,
+                               "a skill file must be a mapping of keys (name:, kind:, template:, examples: ...)")
     try:
         skill = Skill(**data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        what = ".".join(str(p) for p in loc) or "file"
-        msg = err["msg"]
-        if err["type"] == "missing":
-            msg = f"missing required key '{what}'"
-        elif err["type"] == "extra_forbidden":
-            msg = f"unknown key '{what}' (allowed: {', '.join(sorted(Skill.model_fields))})"
-        elif loc and loc[0] == "retriever":
+        line, msg, loc = validation_problem(exc, lines, f"(allowed: {', '.join(sorted(Skill.model_fields))})")
+        if loc and loc[0] == "retriever" and exc.errors()[0]["type"] not in ("missing", "extra_forbidden"):
             msg = f"unknown retriever {data.get('retriever')!r}; use one of: {', '.join(RETRIEVERS)}"
-        else:
-            msg = f"{what}: {msg}"
-        raise SkillError(path, _line_for(lines, loc), msg) from None
+        raise SkillError(path, line, msg) from None
     skill.path = str(path)
     skill.example_lines = [_line_for(lines, ("examples", i)) for i in range(len(skill.examples))]
     if skill.name != path.stem:
