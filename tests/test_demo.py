@@ -66,7 +66,8 @@ def test_the_scripted_conversation(demo_server, engines):
     assert plants["skill"] == "wow"
     assert plants["sources"][0]["source"].split("#")[0].endswith("starter_kb/photosynthesis.md")
     retrieve = next(s for s in plants["trace"]["steps"] if s["step"] == "retrieve")
-    assert retrieve["retriever"] == "kb" and retrieve["query"] == SCRIPT[4]
+    # the knowledge base is asked what app.knowledge.kb_query builds: the previous reply (the topic), then the message
+    assert retrieve["retriever"] == "kb" and retrieve["query"] == f"{recall['reply'].strip()} {SCRIPT[4]}".strip()
     # 6. web search through the stand-in engine, results marked as untrusted data
     assert web["skill"] == "wit"
     assert engines.requests and [s["source"] for s in web["sources"]][0] == "https://example.org/one"

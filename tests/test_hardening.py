@@ -167,6 +167,15 @@ def test_metrics_count_requests_by_route_and_status_and_time_turns(small_server)
     assert metric(small_server, "fsb_generated_tokens_total") >= 1
 
 
+@pytest.mark.parametrize("fact_id", ["99999999999999999999", "9223372036854775808", "0", "-1"])
+def test_an_out_of_range_memory_id_is_a_4xx_not_a_crash(small_server, fact_id):
+    """Found by the schemathesis run: an id past SQLite's 64-bit integers used to raise OverflowError (a 500)."""
+    r = httpx.delete(f"{small_server.url}/api/memory/{fact_id}", params={"user": "dana"}, timeout=30)
+    assert 400 <= r.status_code < 500 and r.json()["error"]["param"], r.text
+    assert httpx.delete(f"{small_server.url}/api/memory/9223372036854775807", params={"user": "dana"},
+                        timeout=30).status_code == 404  # the largest id is a valid one that matches nothing
+
+
 @pytest.fixture(scope="module")
 def routed_server(tmp_path_factory, tiny_lm):
     """The real routing: skill triggers, the last-message safety stage and the history selector, on the tiny model."""

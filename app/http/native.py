@@ -4,12 +4,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 
 from ..bot import BadRequest
 from .errors import NotFound
 from .schemas import NativeChatRequest
 from .service import Service
+
+SQLITE_MAX_ID = 2**63 - 1  # a larger id is no row (and SQLite cannot even bind it)
 
 
 def router(svc: Service) -> APIRouter:
@@ -64,7 +66,7 @@ def router(svc: Service) -> APIRouter:
         return {"deleted": bot.knowledge.memory.forget(who) if bot.knowledge else 0}
 
     @api.delete("/api/memory/{fact_id}")
-    def forget_one(fact_id: int, request: Request, user: str | None = None) -> dict:
+    def forget_one(request: Request, fact_id: int = Path(ge=1, le=SQLITE_MAX_ID), user: str | None = None) -> dict:
         who = memory_user(request, user)
         deleted = bot.knowledge.memory.forget(who, fact_id) if bot.knowledge else 0
         if not deleted:
