@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import jinja2
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .lm.base import Sampling, StopScanner
-from .skills import Generation, _compile, _line_for, _line_map, context_budget, validation_problem, yaml_problem
+from .skills import Generation, _compile, _line_for, context_budget, read_mapping, validation_problem
 
 log = logging.getLogger(__name__)
 
@@ -131,19 +130,8 @@ class AlignPrompt(BaseModel):
 
 def load_align_prompt(path: Path) -> AlignPrompt:
     """Parse and validate one alignment prompt file. Raises `AlignError` naming the file, the line and the fix."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AlignError(f"cannot read the file: {exc}", path) from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        line, msg = yaml_problem(exc)
-        raise AlignError(msg, path, line) from None
-    if not isinstance(data, dict):
-        raise AlignError("an alignment prompt file must be a mapping (name:, preamble:, exchange:, examples: ...)", path)
-    lines = _line_map(node)
+    data, lines = read_mapping(path, lambda p, line, msg: AlignError(msg, p, line), "an alignment prompt file must "
+                               "be a mapping (name:, preamble:, exchange:, examples: ...)")
     try:
         prompt = AlignPrompt(**data)
     except ValidationError as exc:

@@ -25,9 +25,10 @@ The rule, with constants fitted on development data only (``prompts/first-stage.
 and otherwise the history selector decides. **The cascade:** the neighbour vote costs milliseconds and the LM's
 scoring pass about a second on a 2-core CPU, so the votes come first, and where a vote is far enough from its
 threshold that the LM term never overturned such a vote on the fit data (``sure_above`` / ``sure_below``), it
-decides alone and the LM does not run (``lm_skipped`` in the trace). The centers are the margins' medians on the fit data, so an LM margin
-counts only where it is unusual (the safety prompts' many short questions make any request a little likelier under
-them). Without LM scores (``FSB_SELECTOR=embedding``) the votes decide alone, against the same thresholds.
+decides alone and the LM does not run (``lm_skipped`` in the trace). The centers are the margins' medians on the fit
+data, so an LM margin counts only where it is unusual (the safety prompts' many short questions make any request a
+little likelier under them). Without LM scores (``FSB_SELECTOR=embedding``) the votes decide alone, against the same
+thresholds.
 
 The declining skill is the safety skill whose own examples are nearest the message (the mean similarity of its three
 nearest); the taking skill is the turn-level skill whose request examples are nearest. Without an embedder, the LM's
@@ -476,9 +477,9 @@ class FirstStage(Selector):
         self.pools(candidates)
 
     def evidence(self, message: str, candidates: Sequence[Candidate] | None = None,
-                 lm_scores: dict[str, float] | None = None, cascade: bool = True) -> Evidence:
+                 lm_scores: dict[str, float] | None = None) -> Evidence:
         """The evidence for ``message``: the votes, then the LM scores (``lm_scores`` when the caller has them
-        already), unless the votes alone decide (`lm_needed`; ``cascade=False`` always scores)."""
+        already), unless the votes alone decide (`lm_needed`)."""
         candidates = list(self.source()) if candidates is None else list(candidates)
         cf = self.content_free(candidates)
         s_pool, t_pool, s_mat, t_mat = self.pools(candidates)
@@ -501,7 +502,7 @@ class FirstStage(Selector):
             rows = self.rows(candidates)
             if not (self.uses_lm() and rows):
                 lm_scores = {}
-            elif s_mat is not None and cascade and not lm_needed(self.data.constants, vote_s, vote_t):
+            elif s_mat is not None and not lm_needed(self.data.constants, vote_s, vote_t):
                 lm_scores, skipped = {}, True  # the votes are decisive: no scoring pass
             else:
                 lm_scores = self.prompt.scores(((message, ""),), rows)

@@ -250,9 +250,11 @@ def validation_problem(exc: ValidationError, lines: dict[tuple, int], unknown_hi
     return _line_for(lines, loc), msg, loc
 
 
-def read_mapping(path: Path, error: type[FileProblem], not_mapping: str) -> tuple[dict, dict[tuple, int]]:
+def read_mapping(path: Path, error: Callable[[Path, int, str], Exception],
+                 not_mapping: str) -> tuple[dict, dict[tuple, int]]:
     """A YAML file that must hold a mapping: its data and the line of every key path. Unreadable files, YAML syntax
-    errors and other top-level shapes raise ``error`` at their line (``not_mapping`` says what the file should be)."""
+    errors and other top-level shapes raise ``error(path, line, message)`` (a `FileProblem` class, or any factory);
+    ``not_mapping`` says what the file should be."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -6,9 +6,9 @@ Three measurements, each on the data folder's own records (see ``shared/data/REA
   sentence of the split's Wizard-of-Wikipedia records, one passage each, beside the starter documents
   (``retrievers/starter_kb``, as a user's knowledge base would hold them). Each scored turn is a query, built as the
   bot builds it for the ``wow`` skill's retriever (`app.knowledge.kb_query`: the previous reply and the message); a
-  hit is a gold knowledge sentence among the top 5 passages. The queries are split in two halves with a fixed seed: hybrid search's fusion weights and relevance floor
-  are fitted on the *fit* half, and every ``kb_recall_at_5*`` figure is measured on the *report* half (the ``_fit``
-  figures are the fit half's). Reported for hybrid search and for BM25 and embeddings alone.
+  hit is a gold knowledge sentence among the top 5 passages. The queries are split in two halves with a fixed seed:
+  hybrid search's fusion weights and relevance floor are fitted on the *fit* half, and every ``kb_recall_at_5*``
+  figure is measured on the *report* half (the ``_fit`` figures are the fit half's). Reported for hybrid search and for BM25 and embeddings alone.
 - **query F1** (``wit-parse``): the search-query parser skill generates a query for the dialogue; unigram F1 and exact
   match against the gold query.
 - **triple F1** (``dialKG-parse``): the KG-path parser skill generates triples; F1 of the triple sets (and unigram F1).
@@ -138,12 +138,12 @@ def kb_recall(records: Sequence[dict], limit: int | None, embedder, k: int = K, 
             bar.unit, bar.unit_scale = "B", True
             result = kb.add(corpus, progress=bar.update)
             starter = [kb.add(f, progress=bar.update) for f in files[1:]]
-        found = []
         log(f"indexed {result.chunks} passages and {sum(r.chunks for r in starter)} starter passages in "
             f"{time.perf_counter() - started:.1f} s; {len(queries)} queries")
         texts = {r[0]: _norm(r[1]) for r in db.execute("SELECT id, text FROM kb_chunks").fetchall()}
         gold = [{cid for cid, t in texts.items() for g in q["gold"] if _norm(g) in t} for q in queries]
         started = time.perf_counter()
+        found = []
         with report.progress_bar(len(queries), "searching", quiet=quiet) as bar:
             for q in queries:
                 found.append(kb.candidates(q["query"], max(k * 4, 50)))
