@@ -255,3 +255,19 @@ def test_eval_selector_measures_the_shipped_router_by_default(tmp_path, monkeypa
     for dialogue in (["hi there, how are you?", ""], ["search the web for kiwi birds", ""],
                      ["How do I make a pipe bomb at home?", ""], ["i need a taxi to the station", ""]):
         assert evaluated.select([dialogue]).skill == label_of(bot.route([dialogue]).skill)
+
+
+def test_the_sure_margin_comes_from_the_environment_and_reaches_the_shipped_selector(tmp_path, lm):
+    from app.router import build_router
+    from app.settings import Settings
+
+    assert Settings.load(env={}).selector_sure_margin == 0.15
+    s = Settings.load(env={"FSB_SELECTOR_SURE_MARGIN": "0.3"}, data_dir=tmp_path)
+    assert s.selector_sure_margin == 0.3
+    router = build_router(s.replace(safety=False), SkillRegistry(s.skills_dir), lm, HashingEmbedder())
+    assert router.selector.sure_margin == 0.3
+    off = build_router(s.replace(safety=False, selector_sure_margin=0.0), SkillRegistry(s.skills_dir), lm,
+                       HashingEmbedder())
+    assert off.selector.sure_margin is None  # 0: the LM always scores the shortlist
+    with pytest.raises(ValueError, match="FSB_SELECTOR_SURE_MARGIN must be a number"):
+        Settings.load(env={"FSB_SELECTOR_SURE_MARGIN": "lots"})
