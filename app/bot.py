@@ -565,9 +565,14 @@ def run_parser(parser: Skill, lm: LM, dialogue, budget_tokens: int, history_turn
     turns = [list(t) for t in dialogue[-history_turns:]]
     g = parser.generation
     prompt = parser.prompt({"dialogue": turns}, budget_tokens=budget_tokens, count_tokens=lm.count_tokens)
-    return "".join(lm.generate(prompt.text, stop=parser.stop, max_new_tokens=g.max_new_tokens,
-                               sampling=Sampling(g.temperature, g.top_p, g.top_k, g.repetition_penalty),
-                               prefix=prompt.prefix)).strip()
+    # A parser whose output copies its prompt (the dialogue state: slot names, the user's values) asks for prompt-lookup
+    # decoding (``generation.lookup``), where the backend has it (app/lm/lookup.py): the same greedy text, fewer passes.
+    # Only a class's own method counts: a wrapper that overrides ``generate`` and delegates the rest must keep the call.
+    lookup = g.lookup and getattr(type(lm), "generate_lookup", None) is not None
+    generate = lm.generate_lookup if lookup else lm.generate
+    return "".join(generate(prompt.text, stop=parser.stop, max_new_tokens=g.max_new_tokens,
+                            sampling=Sampling(g.temperature, g.top_p, g.top_k, g.repetition_penalty),
+                            prefix=prompt.prefix)).strip()
 
 
 def _logged(job: Callable[[], None]) -> Callable[[], None]:

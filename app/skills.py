@@ -44,6 +44,9 @@ class Generation(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0)
+    # Prompt-lookup decoding (app/lm/lookup.py) for a greedy parser whose output copies its prompt (the dialogue
+    # state's slot names and values): the same text in fewer forward passes. Output that copies little is slower.
+    lookup: bool = False
 
 
 class Speakers(BaseModel):

@@ -402,6 +402,18 @@ class BatchedLM:
             pieces = self.scheduler.generate(prompt, stop, max_new_tokens, sampling, prefix, stats)
         yield from pieces
 
+    def generate_lookup(self, prompt: str, stop: Sequence[str] = (), max_new_tokens: int = 64,
+                        sampling: Sampling = Sampling(), prefix: str | None = None,
+                        stats: dict | None = None) -> Iterator[str]:
+        """Prompt-lookup decoding (`TransformersLM.generate_lookup`) while no other generation is running: a lone
+        parser verifies several copied tokens per pass. With rows in the batch, it joins them instead (its step is
+        then nearly free, and its own passes would hold everyone else up)."""
+        lookup = getattr(self.inner, "generate_lookup", None)
+        if lookup is None or self.scheduler.running or self.scheduler.queued:
+            yield from self.generate(prompt, stop, max_new_tokens, sampling, prefix, stats)
+        else:
+            yield from lookup(prompt, stop, max_new_tokens, sampling, prefix, stats)
+
     def generate_batch(self, prompts: Sequence[str], stop: Sequence[str] = (), max_new_tokens: int = 64,
                        sampling: Sampling = Sampling(), prefix: str | None = None,
                        stats: list[dict] | None = None) -> Iterator[tuple[int, str]]:

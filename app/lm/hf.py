@@ -18,7 +18,8 @@ from typing import Iterator, Sequence
 import torch
 
 from .base import LMError, Sampling
-from .decoding import ModelRunner, RowStream, choose, generator_for, left_pad
+from .decoding import ModelRunner, RowStream, choose, generator_for, is_greedy, left_pad
+from .lookup import lookup_decode
 from .prefix_cache import CachedPrefix, PrefixCache, fork_cache
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,25 @@ class TransformersLM:
         for _, piece in self.generate_batch([prompt], stop, max_new_tokens, sampling, prefix,
                                             stats=None if stats is None else [stats]):
             yield piece
+
+    def generate_lookup(self, prompt: str, stop: Sequence[str] = (), max_new_tokens: int = 64,
+                        sampling: Sampling = Sampling(), prefix: str | None = None,
+                        stats: dict | None = None) -> Iterator[str]:
+        """`generate` by prompt-lookup decoding (`lookup.lookup_decode`): the same greedy text in fewer forward
+        passes when the output copies its prompt (parsers). Sampling, a repetition penalty or an attached fast path
+        take `generate` instead."""
+        if not is_greedy(sampling) or self.fast is not None:
+            yield from self.generate(prompt, stop, max_new_tokens, sampling, prefix, stats)
+            return
+        shared = prefix if prefix and prompt.startswith(prefix) else None
+        try:
+            ids, prefix_len = self.encode(prompt, shared)
+            yield from lookup_decode(self, ids, prefix_len, list(stop), max_new_tokens, stats)
+        except LMError:
+            raise
+        except Exception as exc:
+            log.exception("generation failed")
+            raise LMError(f"the model failed while generating: {exc}") from exc
 
     def generate_batch(
         self,
