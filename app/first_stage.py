@@ -110,6 +110,9 @@ class Constants(BaseModel):
     examples: str = Field(min_length=1)  # the counter-examples file, relative to this file's folder
     content_free: list[str] = Field(min_length=1)  # inputs that carry no content; each skill is calibrated by them
     neighbours: int = Field(ge=1)  # k of the neighbour vote
+    # How sharply the vote favours the nearest of the k: weights exp((sim - best) / vote_temperature), so a near-copy
+    # of an example outvotes a crowd of loosely related ones; None weighs each neighbour by its similarity.
+    vote_temperature: float | None = Field(default=None, gt=0)
     anchors: list[str] = Field(min_length=1)  # conversational skills whose scores stand for "just talking"
     safety: Gate
     turn: Gate
@@ -262,14 +265,19 @@ def pools(candidates: Sequence[Candidate], kinds: dict[str, str], examples: Exam
             Pool(tuple(t_texts), tuple(t_signs), tuple(t_skills)))
 
 
-def vote(sims: np.ndarray, signs: Sequence[int], k: int) -> tuple[float, list[int]]:
-    """The similarity-weighted share of the ``k`` nearest examples: ``sum(sign * sim) / sum(sim)`` over them, in
-    [-1, 1] (negative similarities count as 0). Returns the vote and the neighbours' indices, nearest first."""
+def vote(sims: np.ndarray, signs: Sequence[int], k: int,
+         temperature: float | None = None) -> tuple[float, list[int]]:
+    """The weighted share of the ``k`` nearest examples: ``sum(sign * w) / sum(w)`` over them, in [-1, 1], where ``w``
+    is the similarity (negative similarities count as 0) or, with a ``temperature``, ``exp((sim - best) /
+    temperature)``. Returns the vote and the neighbours' indices, nearest first."""
     if len(sims) == 0:
         return 0.0, []
     k = min(k, len(sims))
     top = np.argsort(-sims)[:k]
-    w = np.clip(sims[top], 0.0, None)
+    if temperature:
+        w = np.exp((sims[top] - sims[top[0]]) / temperature) * (sims[top] > 0)
+    else:
+        w = np.clip(sims[top], 0.0, None)
     total = float(w.sum())
     if total <= 0:
         return 0.0, [int(i) for i in top]
@@ -490,8 +498,9 @@ class FirstStage(Selector):
         if s_mat is not None:
             q = self.embedding.embedder.encode([message])[0]
             s_sims, t_sims = s_mat @ q, t_mat @ q
-            vote_s, top = vote(s_sims, s_pool.signs, k)
-            vote_t, _ = vote(t_sims, t_pool.signs, k)
+            temperature = self.data.constants.vote_temperature
+            vote_s, top = vote(s_sims, s_pool.signs, k, temperature)
+            vote_t, _ = vote(t_sims, t_pool.signs, k, temperature)
             neighbours = tuple((s_pool.texts[i], s_pool.signs[i], float(s_sims[i])) for i in top)
             for pool, sims in ((s_pool, s_sims), (t_pool, t_sims)):
                 for name in {n for n in pool.skills if n}:

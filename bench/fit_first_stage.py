@@ -439,25 +439,33 @@ def fit(args) -> None:
 
     off = Offline(args)
     base = off.data.constants
+    # the LM margins of every fit item: the cascade off, or a decisive vote would leave its margin out
+    uncascaded = base.model_copy(update={g: getattr(base, g).model_copy(update={"sure_above": None,
+                                                                                  "sure_below": None})
+                                         for g in ("safety", "turn")})
     margins = {"safety": [], "turn": []}
     for it in off.items:
         ev = off.evidence(it["text"]) if it["half"] == "fit" else None
         if ev is not None:
-            for gate, m in decide(ev, off.kinds, base).lm_margins.items():
+            for gate, m in decide(ev, off.kinds, uncascaded).lm_margins.items():
                 margins[gate].append(m)
     c_s, c_t = (round(statistics.median(margins[g]), 3) for g in ("safety", "turn"))
     best = None
     for k in args.neighbours:
-        stage = _with_k(off, k)
-        for w in args.weights:
-            for th in _grid(-1.0, 1.0, 0.025):
-                c = base.model_copy(update={"neighbours": k, "safety": Gate(weight=w, threshold=th, center=c_s),
-                                            "turn": Gate(weight=0.0, threshold=99.0)})
-                s, _ = objective(table(off, routes_after(off, c, stage), "fit"))
-                if best is None or s > best[0]:
-                    best = (s, k, w, th)
-    _, k, w_s, th_s = best
-    stage = _with_k(off, k)
+        for temp in args.temperatures:
+            temp = temp or None  # 0: similarity weights
+            stage = _with_k(off, k, temp)
+            for w in args.weights:
+                for th in _grid(-1.0, 1.0, 0.025):
+                    c = base.model_copy(update={"neighbours": k, "vote_temperature": temp,
+                                                "safety": Gate(weight=w, threshold=th, center=c_s),
+                                                "turn": Gate(weight=0.0, threshold=99.0)})
+                    s, _ = objective(table(off, routes_after(off, c, stage), "fit"))
+                    if best is None or s > best[0]:
+                        best = (s, k, temp, w, th)
+    _, k, temp, w_s, th_s = best
+    stage = _with_k(off, k, temp)
+    base = base.model_copy(update={"vote_temperature": temp})
     closed = base.model_copy(update={"neighbours": k, "safety": Gate(weight=w_s, threshold=th_s, center=c_s),
                                      "turn": Gate(weight=0.0, threshold=99.0)})
     floor = table(off, routes_after(off, closed, stage), "fit")["selector-dev"]["accuracy"] - SELECTOR_SLACK
@@ -473,7 +481,7 @@ def fit(args) -> None:
             if best_t is None or t > best_t[0] + 1e-9:
                 best_t = (t, w, th)
     _, w_t, th_t = best_t
-    print(f"fitted on the fit halves: neighbours {k}, safety weight {w_s} threshold {th_s:.2f} center {c_s}, "
+    print(f"fitted on the fit halves: neighbours {k}, vote temperature {temp}, safety weight {w_s} threshold {th_s:.2f} center {c_s}, "
           f"turn weight {w_t} threshold {th_t:.2f} center {c_t}  (safety: within target {best[0][0]}, recall "
           f"{best[0][1]:.3f}, declined benign {-best[0][2]:.3f}; turn merit {best_t[0]:.3f})")
     fitted = base.model_copy(update={"neighbours": k,
@@ -585,14 +593,19 @@ def _grid(lo: float, hi: float, step: float) -> list[float]:
     return [round(lo + i * step, 4) for i in range(n + 1)]
 
 
-def _with_k(off: Offline, k: int):
+def _with_k(off: Offline, k: int, temperature: float | None = None):
     from app.first_stage import FirstStage
 
-    if k == off.data.constants.neighbours:
+    if k == off.data.constants.neighbours and temperature == off.data.constants.vote_temperature:
         return off.stage
-    data = off.data.with_constants(neighbours=k)
+    key = (k, temperature)
+    off.stages = getattr(off, "stages", {})
+    if key in off.stages:
+        return off.stages[key]
+    data = off.data.with_constants(neighbours=k, vote_temperature=temperature)
     stage = FirstStage(off.stage.source, data=data, kind_of=off.registry.get, embedder=off.stage.embedding.embedder,
                        layout=None, method="embedding")
+    off.stages[key] = stage
     return stage
 
 
@@ -632,6 +645,8 @@ def main() -> None:
     ft.add_argument("--neighbours", type=int, nargs="*", default=[5, 9, 15])
     ft.add_argument("--weights", type=float, nargs="*", default=[0.0, 0.25, 0.5, 1.0],
                     help="LM weights tried (up to 1: the neighbour vote leads, the LM adjusts)")
+    ft.add_argument("--temperatures", type=float, nargs="*", default=[0.0, 0.1, 0.05, 0.025],
+                    help="vote temperatures tried (0: similarity weights)")
     rp = sub.add_parser("report", help="the before/after table with the constants in prompts/first-stage.yaml")
     cs = sub.add_parser("cascade", help="fit only the cascade's margins (the gates as in prompts/first-stage.yaml)")
     sl = sub.add_parser("selector", help="fit the hybrid history selector's cascade margin (selector-dev fit half)")

@@ -135,6 +135,18 @@ def test_the_vote_is_the_similarity_weighted_share_of_the_nearest_examples():
     assert vote(np.array([]), [], 3) == (0.0, [])
 
 
+def test_with_a_temperature_a_near_copy_outvotes_a_crowd_of_loose_neighbours():
+    # one unsafe example almost the message, six benign ones that share a word with it
+    sims = np.array([0.77, 0.57, 0.56, 0.55, 0.55, 0.53, 0.52])
+    signs = [1, -1, -1, -1, -1, -1, -1]
+    linear, _ = vote(sims, signs, 7)
+    sharp, top = vote(sims, signs, 7, temperature=0.1)
+    assert linear < 0 < sharp and top[0] == 0
+    w = np.exp((sims - 0.77) / 0.1)
+    assert sharp == pytest.approx((w[0] - w[1:].sum()) / w.sum())
+    assert vote(np.array([0.3, -0.1]), [1, -1], 2, temperature=0.1)[0] == pytest.approx(1.0)  # negatives count 0
+
+
 # -------------------------------------------------------------------------------------------- the data files
 def test_the_shipped_files_load_and_the_constants_say_what_they_were_fitted_on():
     data = FirstStageData.load(PROMPTS / "first-stage.yaml")
