@@ -530,5 +530,7 @@ def load_first_stage(settings, skills, lm, embedder, layout, method: str) -> Fir
     from .selector import registry_source
 
     data = FirstStageData.load(Path(settings.prompts_dir) / "first-stage.yaml")
-    return FirstStage(registry_source(skills, include_safety=True), data=data, kind_of=skills.get, lm=lm,
+    # the skills' own examples only: its votes and constants were fitted with them (selector_examples are the
+    # history selector's, for telling conversational skills apart)
+    return FirstStage(registry_source(skills, include_safety=True, selector_examples=False), data=data, kind_of=skills.get, lm=lm,
                       embedder=embedder, layout=layout, method=method)

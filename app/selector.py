@@ -154,11 +154,13 @@ def to_dialogue(turns: Iterable[Sequence[str]]) -> Dialogue:
     return tuple((str((list(t) + ["", ""])[0] or ""), str((list(t) + ["", ""])[1] or "")) for t in turns)
 
 
-def candidates_from_skills(skills: Iterable) -> list[Candidate]:
-    """One candidate per skill (`app.skills.Skill`): its examples' ``dialogue`` fields, ``selector_shots`` of them."""
+def candidates_from_skills(skills: Iterable, selector_examples: bool = True) -> list[Candidate]:
+    """One candidate per skill (`app.skills.Skill`): its examples' ``dialogue`` fields, then (unless
+    ``selector_examples`` is false) its ``selector_examples``; the prompt takes the first ``selector_shots``."""
     out = []
     for s in skills:
-        dialogues = tuple(to_dialogue(e["dialogue"]) for e in s.examples if e.get("dialogue"))
+        extra = s.selector_examples if selector_examples else []
+        dialogues = tuple(to_dialogue(e["dialogue"]) for e in [*s.examples, *extra] if e.get("dialogue"))
         if dialogues and s.selector_shots > 0:  # selector_shots: 0 means "never chosen by the selector"
             out.append(Candidate(s.name, dialogues, s.selector_shots, s.dataset or s.name))
     return out
@@ -174,12 +176,14 @@ def turn_level(skill) -> bool:
     return skill.kind == "safety" or bool(skill.aligned) or skill.retriever in TURN_LEVEL_RETRIEVERS
 
 
-def registry_source(registry, include_safety: bool = False) -> Callable[[], list[Candidate]]:
-    """Candidates from a `SkillRegistry`, re-read on every call (so a new or edited skill file counts at once)."""
+def registry_source(registry, include_safety: bool = False,
+                    selector_examples: bool = True) -> Callable[[], list[Candidate]]:
+    """Candidates from a `SkillRegistry`, re-read on every call (so a new or edited skill file counts at once);
+    ``selector_examples=False`` leaves the skills' ``selector_examples`` out (see `candidates_from_skills`)."""
 
     def source() -> list[Candidate]:
         skills = registry.all(kind="response") + (registry.all(kind="safety") if include_safety else [])
-        return candidates_from_skills(skills)
+        return candidates_from_skills(skills, selector_examples)
 
     return source
 
@@ -276,6 +280,15 @@ class EmbeddingScorer:
 
 
 # ------------------------------------------------------------------------------------------------ selector
+def _with_shots(source: Callable[[], Sequence[Candidate]], shots: int) -> Callable[[], list[Candidate]]:
+    """``source`` with each candidate's prompt holding at least ``shots`` of its dialogues (as many as it has)."""
+
+    def more() -> list[Candidate]:
+        return [dataclasses.replace(c, shots=max(c.shots, min(shots, len(c.examples)))) for c in source()]
+
+    return more
+
+
 class Selector:
     """Chooses the skill for a turn.
 
@@ -294,6 +307,8 @@ class Selector:
         sure_margin: the hybrid's cascade: when the embedding winner leads the runner-up by at least this much, it
             wins without the LM's scoring pass (``method`` stays ``hybrid``; the trace says ``decided_by``). None or
             0: the LM always scores the shortlist.
+        shots: the prompt method's example dialogues per skill, at least (more where a skill's ``selector_shots``
+            says so, never more than it has); None or 0: each candidate's own count.
     Raises:
         SelectorError: from `select`, for an unknown forced skill or when no skill is selectable.
     Example:
@@ -305,7 +320,8 @@ class Selector:
     def __init__(self, source: Callable[[], Sequence[Candidate]], lm=None, embedder=None,
                  layout: SelectorLayout | None = None, method: str = "best", history_turns: int = 5,
                  shortlist: int = 3, weight: float = 1.0, fallback: str | None = None, min_margin: float = 0.0,
-                 embedding_top: int = 3, low_precision: bool | str = "auto", sure_margin: float | None = None):
+                 embedding_top: int = 3, low_precision: bool | str = "auto", sure_margin: float | None = None,
+                 shots: int | None = None):
         method = BEST_METHOD if method == "best" else method
         if method not in METHODS:
             raise SelectorError(f"unknown selector method {method!r}; use one of: {', '.join(METHODS)}, best")
@@ -313,7 +329,7 @@ class Selector:
             raise SelectorError(f"the {method} selector needs an LM and the selector layout")
         if method in ("embedding", "hybrid") and embedder is None:
             raise SelectorError(f"the {method} selector needs a sentence embedder")
-        self.source, self.method = source, method
+        self.source, self.method = (_with_shots(source, shots) if shots else source), method
         self.history_turns, self.shortlist, self.weight = history_turns, shortlist, weight
         self.fallback, self.min_margin = fallback, min_margin
         self.sure_margin = sure_margin or None

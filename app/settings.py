@@ -70,6 +70,9 @@ class Settings:
     # scoring pass (0 = always score). Fitted on selector-dev's fit half (`bench/fit_first_stage.py selector`): the
     # LM skipped on 36% (fit) / 44% (report half) of the dialogues, accuracy 0.757 on both halves either way.
     selector_sure_margin: float = 0.15
+    # Example dialogues per skill in the history selector's prompts, at least (0: each skill's selector_shots); the
+    # last-message stage keeps the skill files' counts, which its constants were fitted with.
+    selector_shots: int = 0
     align_variant: str = "short"  # prompts/align-<variant>.yaml
     memory: bool = True  # extract facts from user turns into long-term memory (needs a user)
     memory_skill: str = "msc-parse"

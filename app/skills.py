@@ -86,6 +86,9 @@ class Skill(BaseModel):
     generation: Generation = Generation()
     defaults: dict[str, Any] = {}
     examples: list[dict[str, Any]] = Field(min_length=1)
+    # More example dialogues for choosing the skill only (the selector's embedding ranking and, past ``examples``, its
+    # prompt shots); never in the reply's prompt, so they cost a turn nothing. Each needs a ``dialogue``.
+    selector_examples: list[dict[str, Any]] = []
     refusal: SafetyRefusal | None = None  # safety skills: the concern their refusal names and what it offers instead
 
     path: str = Field("", exclude=True)
@@ -295,6 +298,11 @@ def load_skill(path: Path) -> Skill:
         _compile(skill.template)
     except jinja2.TemplateSyntaxError as exc:
         raise SkillError(path, _line_for(lines, ("template",)) + exc.lineno, f"template: {exc.message}") from None
+    for i, example in enumerate(skill.selector_examples):
+        turns = example.get("dialogue") if isinstance(example, dict) else None
+        if not (isinstance(turns, list) and turns and all(isinstance(t, list) and t for t in turns)):
+            raise SkillError(path, _line_for(lines, ("selector_examples", i)),
+                             f"selector example {i + 1} needs a dialogue: a list of [user, assistant] turns")
     for i, example in enumerate(skill.examples):
         line = skill.example_lines[i]
         if skill.target != "dialogue" and skill.target not in example:

@@ -253,7 +253,8 @@ class Offline:
         self.items = load_items(args.shared)
         embedder = CachedEmbedder(default_embedder())
         embedder.encode([it["text"] for it in self.items])  # one batch, then every lookup is a dict hit
-        self.stage = FirstStage(registry_source(self.registry, include_safety=True), data=self.data,
+        self.stage = FirstStage(registry_source(self.registry, include_safety=True, selector_examples=False),
+                                data=self.data,
                                 kind_of=self.registry.get, embedder=embedder, layout=layout, method="embedding")
         self.candidates = list(self.stage.source())
         self.kinds = self.stage.kinds(self.candidates)

@@ -212,8 +212,8 @@ def stage():
 
     registry = SkillRegistry(REPO_ROOT / "skills")
     data = FirstStageData.load(PROMPTS / "first-stage.yaml")
-    return FirstStage(registry_source(registry, include_safety=True), data=data, kind_of=registry.get,
-                      embedder=default_embedder(), method="embedding")
+    return FirstStage(registry_source(registry, include_safety=True, selector_examples=False), data=data,
+                      kind_of=registry.get, embedder=default_embedder(), method="embedding")
 
 
 @pytest.mark.parametrize("message", ["What's the best knife for slicing a loaf of bread?",
@@ -253,6 +253,16 @@ def test_small_talk_falls_through_to_the_history_selector(router, message):
     assert route.method == "embedding" and route.selection is not None, route.trace()  # the history selector's
     assert route.first_stage["decision"] == PASS and not route.first_stage["flagged"]
     assert route.first_stage["skill"] == max(route.first_stage["scores"], key=route.first_stage["scores"].get)
+
+
+def test_the_first_stage_votes_with_the_skills_examples_and_the_history_selector_with_their_selector_examples(router):
+    wow = router.skills.get("wow")
+    assert wow.selector_examples
+    first = {c.name: c for c in router.first_stage.source()}["wow"]
+    history = {c.name: c for c in router.selector.source()}["wow"]
+    assert len(first.examples) == len(wow.examples)  # what its constants were fitted with
+    assert len(history.examples) == len(wow.examples) + len(wow.selector_examples)
+    assert first.examples[: first.shots] == history.examples[: first.shots]  # the same prompt shots
 
 
 def test_a_request_is_taken_and_a_harmful_message_declined_by_the_first_stage(router):

@@ -182,6 +182,29 @@ def test_a_trigger_that_is_not_a_regular_expression_is_reported_with_its_line(tm
     assert "trigger 'search (the web' is not a valid regular expression" in err.value.message
 
 
+def test_selector_examples_join_the_selectors_dialogues_but_never_the_reply_prompt(tmp_path):
+    from app.selector import candidates_from_skills
+
+    wow = load_skill(SKILLS / "wow.yaml")
+    assert wow.selector_examples  # the shipped file carries some
+    candidate = candidates_from_skills([wow])[0]
+    assert len(candidate.examples) == len(wow.examples) + len(wow.selector_examples)
+    first_extra = wow.selector_examples[0]["dialogue"][0][0]
+    assert candidate.examples[len(wow.examples)][0][0] == first_extra  # after the examples: the prompt shots stay
+    prompt = wow.prompt({"dialogue": [["tell me about volcanoes", ""]], "knowledge": ["Volcanoes erupt."]},
+                        budget_tokens=100_000, count_tokens=lambda t: len(t.split()))
+    assert first_extra not in prompt.text and prompt.examples == len(wow.examples)
+    # one without a dialogue is reported at its line
+    text = (SKILLS / "wow.yaml").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    at = lines.index("selector_examples:")
+    lines.insert(at + 1, "  - knowledge: [a fact with no dialogue]")
+    (tmp_path / "wow.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(SkillError) as err:
+        load_skill(tmp_path / "wow.yaml")
+    assert err.value.line == at + 2 and "selector example 1 needs a dialogue" in err.value.message
+
+
 def test_duplicate_names_are_reported():
     report = load_dir(FIXTURES / "duplicate")
     assert list(report.skills) == ["dup"]
