@@ -36,6 +36,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from .lm.base import fast_bf16
+
 log = logging.getLogger(__name__)
 
 Turn = tuple[str, str]  # (user, assistant); the live turn's assistant side is ""
@@ -189,19 +191,6 @@ def registry_source(registry, include_safety: bool = False,
 
 
 # ------------------------------------------------------------------------------------------------- scorers
-def fast_bf16() -> bool:
-    """True where bfloat16 matrix products are fast: a CUDA GPU, or a CPU with AMX or AVX512-BF16."""
-    import torch
-
-    if torch.cuda.is_available():
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 class PromptScorer:
     """Mean log-probability per token of the history under each candidate's selector prompt.
 

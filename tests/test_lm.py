@@ -173,3 +173,30 @@ def test_model_failure_mid_stream_raises_lm_error(tiny_lm, monkeypatch):
     with pytest.raises(LMError, match="simulated"):
         for piece in tiny_lm.generate("User: hi\nAssistant:", max_new_tokens=20):
             got.append(piece)
+
+
+# ------------------------------------------------------------------------------------------- dtype choice
+AVX2_ONLY = "flags\t\t: fpu sse2 avx avx2 fma avx512f_missing\n"  # a substring must not count as the flag
+AVX512_BF16 = "flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16 avx512_vnni\n"
+AMX = "flags\t\t: fpu avx2 amx_bf16 amx_tile amx_int8\n"
+
+
+def test_fast_bf16_reads_the_cpu_flags_and_trusts_a_gpu():
+    from app.lm.base import fast_bf16
+
+    assert fast_bf16(AVX512_BF16, cuda=False) and fast_bf16(AMX, cuda=False)
+    assert not fast_bf16(AVX2_ONLY, cuda=False)
+    assert not fast_bf16("flags: avx512_bf16x\n", cuda=False)  # whole flags only
+    assert fast_bf16(AVX2_ONLY, cuda=True)
+
+
+def test_auto_dtype_is_bfloat16_only_where_it_is_fast_and_names_are_checked():
+    from app.lm.hf import resolve_dtype
+
+    assert resolve_dtype("auto", cuda=False, cpuinfo=AVX2_ONLY) is torch.float32
+    assert resolve_dtype("auto", cuda=False, cpuinfo=AVX512_BF16) is torch.bfloat16
+    assert resolve_dtype("auto", cuda=True, cpuinfo=AVX2_ONLY) is torch.bfloat16
+    assert resolve_dtype("float32", cuda=True) is torch.float32  # an explicit name wins
+    assert resolve_dtype("bfloat16", cuda=False, cpuinfo=AVX2_ONLY) is torch.bfloat16
+    with pytest.raises(ValueError, match="FSB_DTYPE must be auto, float32, bfloat16, float16; got 'fp8'"):
+        resolve_dtype("fp8", cuda=False)

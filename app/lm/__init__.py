@@ -37,7 +37,8 @@ def load_lm(settings, progress=None) -> LM:
 
     A transformers model on one CUDA device gets the static-cache fast path for single streams. With
     ``settings.batching`` on (the default), the model is served through `BatchedLM`: ``generate`` calls from
-    concurrent threads (chats) share one running batch, token for token the same greedy output as alone.
+    concurrent threads (chats) share one running batch, token for token the same greedy output as alone in float32
+    (in bfloat16 an exact tie between two tokens' logits may break the other way in a padded row: docs/scaling.md).
     """
     import torch
 

@@ -10,6 +10,7 @@ greedy output with the cache equals output without it.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
 
@@ -110,3 +111,26 @@ class StopScanner:
 def complete(lm: LM, prompt: str, **kw) -> str:
     """Join a streamed generation into one string."""
     return "".join(lm.generate(prompt, **kw))
+
+
+def fast_bf16(cpuinfo: str | None = None, cuda: bool | None = None) -> bool:
+    """True where bfloat16 matrix products are fast: a CUDA GPU, or a CPU with AMX or AVX512-BF16 instructions.
+
+    On such a CPU the embedded gemma-3-270m runs about 1.7x faster in bfloat16 than in float32 (decode 17 against 10
+    tokens/s, a 4-prompt scoring pass 0.67 against 1.40 s; AMD EPYC with AVX512-BF16, 2 cores); on one without them
+    (AVX2 only) bfloat16 products are emulated and slower, so float32 stays. ``cpuinfo`` and ``cuda`` override what
+    is read from ``/proc/cpuinfo`` and torch (tests).
+    """
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if cuda:
+        return True
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return "amx_bf16" in flags or "avx512_bf16" in flags

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .base import LMError, Sampling
+from .base import LMError, Sampling, fast_bf16
 from .decoding import ModelRunner, RowStream, choose, generator_for, is_greedy, left_pad
 from .lookup import lookup_decode
 from .prefix_cache import CachedPrefix, PrefixCache, fork_cache
@@ -27,6 +27,21 @@ log = logging.getLogger(__name__)
 # Rows scored together in one forward pass are capped by this many (row x token) logits, to bound memory with large
 # vocabularies (gemma: 262k entries, about 1 MB of fp32 logits per position).
 _SCORE_LOGITS_BUDGET = 256
+
+
+def resolve_dtype(dtype: str, cuda: bool, cpuinfo: str | None = None) -> torch.dtype:
+    """The weights' dtype for ``FSB_DTYPE``: ``auto`` is bfloat16 on a GPU and on a CPU with fast bfloat16 products
+    (`app.lm.base.fast_bf16`: AMX or AVX512-BF16), float32 on any other CPU.
+
+    Raises:
+        ValueError: an unknown name, with the allowed ones.
+    """
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if fast_bf16(cpuinfo, cuda=cuda) else torch.float32
+    if dtype not in names:
+        raise ValueError(f"FSB_DTYPE must be auto, {', '.join(names)}; got {dtype!r}")
+    return names[dtype]
 
 
 class TransformersLM:
@@ -68,8 +83,7 @@ class TransformersLM:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         cuda = torch.cuda.is_available() and device != "cpu"
-        torch_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
-                       "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        torch_dtype = resolve_dtype(dtype, cuda)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(name_or_path, **kw)
         if cuda:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype,

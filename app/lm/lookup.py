@@ -8,7 +8,9 @@ followed there as a *draft*; one forward pass feeds the chosen token and the dra
 position says how much of the draft it would have produced itself. Those tokens are accepted, the first disagreement
 is replaced by the model's token, and the rejected tail is cut from the KV cache (`Cache.crop`; sliding-window layers,
 Gemma's, keep their past while recording so the cut can be undone). The output is the greedy output (Saxena 2023,
-"prompt lookup decoding"; transformers' ``prompt_lookup_num_tokens``), with no draft model.
+"prompt lookup decoding"; transformers' ``prompt_lookup_num_tokens``), with no draft model. In float32 it is the
+same text token for token; in bfloat16 an exact tie between two logits may break the other way in the wider pass
+(15 of 16 KG paths identical in one A/B), which changes a parser's output no more than batching does.
 
 Only greedy decoding without a repetition penalty qualifies (`decoding.is_greedy`): the accepted tokens must be the
 ones the model would choose one at a time. Anything else, and a backend without this loop, takes the ordinary path.
