@@ -26,8 +26,11 @@ def model_options(fn):
 
 
 def settings_from(ctx: click.Context, **overrides) -> Settings:
-    """Flags over FSB_* variables over defaults."""
-    return Settings.load(**overrides)
+    """Flags over FSB_* variables over defaults; a bad value is an error that names the variable, not a traceback."""
+    try:
+        return Settings.load(**overrides)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,7 +41,7 @@ def cli(ctx: click.Context) -> None:
 
     Settings come from flags, then FSB_* environment variables, then defaults (see the README).
     """
-    ctx.obj = Settings.load()
+    ctx.obj = settings_from(ctx)
 
 
 @cli.command()

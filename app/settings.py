@@ -49,6 +49,9 @@ def _default_data_dir() -> Path:
     return Path(base) / "fsb"
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on a GPU or a CPU with AMX / AVX512-BF16
+
+
 @dataclass(frozen=True)
 class Settings:
     """Runtime configuration. Every field maps to ``FSB_<FIELD>`` in upper case."""
@@ -121,6 +124,8 @@ class Settings:
         for name in ("data_dir", "skills_dir", "prompts_dir"):
             if name in values:
                 values[name] = Path(values[name]).expanduser()
+        if values.get("dtype", "auto") not in DTYPES:
+            raise ValueError(f"FSB_DTYPE must be one of {', '.join(DTYPES)}, got {values['dtype']!r}")
         return cls(**values)
 
     def replace(self, **changes) -> "Settings":

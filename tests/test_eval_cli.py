@@ -130,3 +130,12 @@ def test_fsb_eval_retrieval_names_a_missing_folder(tmp_path):
     result = CliRunner().invoke(cli, ["eval", "retrieval", "--data-dir", str(tmp_path), "--no-parsers"])
     assert result.exit_code == 1
     assert "no valid.json" in result.output
+
+
+@pytest.mark.parametrize("env, message", [({"FSB_DTYPE": "fp8"}, "FSB_DTYPE must be one of auto, float32, bfloat16, "
+                                                                  "float16, got 'fp8'"),
+                                          ({"FSB_PORT": "abc"}, "FSB_PORT must be a whole number, got 'abc'")])
+def test_a_bad_setting_is_a_one_line_error_not_a_traceback(env, message):
+    result = CliRunner().invoke(cli, ["skills", "list"], env=env)
+    assert result.exit_code == 1
+    assert f"Error: {message}" in result.output and "Traceback" not in result.output
