@@ -442,12 +442,27 @@ class Bot:
     def warm(self, progress: Callable[[int, int, str], None] | None = None) -> int:
         """Encode every constant prefix into the model's prefix cache, and the selectors' example embeddings.
 
-        Returns how many prefixes were encoded. Safe to run while turns are served (the cache is shared)."""
-        for stage in (self.router.first_stage, self.router.selector):
+        Returns how many prefixes were encoded. Safe to run while turns are served (the cache is shared); it pauses
+        between prefixes while a turn waits for its first token (`Activity.wait_quiet`)."""
+        # In the order a turn arriving meanwhile needs them: the first stage's vote pools (every turn), the history
+        # selector's example embeddings (every turn the first stage passes on), the first stage's scored prompts and
+        # their content-free scores (turns its votes leave open), then every other prompt head.
+        first, selector = self.router.first_stage, self.router.selector
+        calibrated = first is not None and hasattr(first, "pools")
+        if calibrated and first.embedding is not None:
+            first.pools(list(first.source()))
+        for stage in (selector, None if calibrated else first):
             if stage is not None and stage.embedding is not None and stage.method != "prompt":
                 stage.embedding.warm(list(stage.source()))
+        if calibrated and first.uses_lm():
+            candidates = list(first.source())
+            first.prompt.warm(first.rows(candidates))
+            first.content_free(candidates)
         prefixes = self.constant_prefixes() if hasattr(self.lm, "score_prefixes") else []
         for i, (what, text) in enumerate(prefixes, 1):
+            # A turn that arrives while the server warms goes first: it encodes the few prefixes it needs itself
+            # instead of taking turns with the rest of the warm-up for the model.
+            self.activity.wait_quiet()
             self.lm.score_prefixes([text], " ")
             if progress is not None:
                 progress(i, len(prefixes), what)

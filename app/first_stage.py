@@ -419,6 +419,9 @@ class FirstStage(Selector):
                          low_precision=low_precision)
         self.data, self.kind_of = data, kind_of
         self._lock = threading.Lock()
+        # One thread computes a missing cache entry while the others wait for it: a turn that arrives during the
+        # start-up warm-up takes the warm-up's result instead of computing the same embeddings beside it.
+        self._building = threading.Lock()
         self._cf: dict[str, float] = {}  # candidate key -> content-free score
         self._pools: dict[tuple, tuple] = {}  # (candidate keys, data) -> the two pools and their embeddings
 
@@ -448,22 +451,31 @@ class FirstStage(Selector):
         if not self.uses_lm():
             return {}
         candidates = self.rows(candidates)
-        missing = [c for c in candidates if c.key not in self._cf]
-        if missing:
-            sums = {c.key: 0.0 for c in missing}
-            for text in self.data.content_free:
-                got = self.prompt.scores(((text, ""),), missing)
-                for c in missing:
-                    sums[c.key] += got[c.name]
-            with self._lock:
-                self._cf.update({k: v / len(self.data.content_free) for k, v in sums.items()})
+        if any(c.key not in self._cf for c in candidates):
+            with self._building:
+                missing = [c for c in candidates if c.key not in self._cf]  # what another thread has not added
+                sums = {c.key: 0.0 for c in missing}
+                for text in self.data.content_free:
+                    if not missing:
+                        break
+                    got = self.prompt.scores(((text, ""),), missing)
+                    for c in missing:
+                        sums[c.key] += got[c.name]
+                with self._lock:
+                    self._cf.update({k: v / len(self.data.content_free) for k, v in sums.items()})
         return {c.name: self._cf[c.key] for c in candidates}
 
     def pools(self, candidates: Sequence[Candidate]):
         key = (tuple(c.key for c in candidates), id(self.data))
         with self._lock:
             got = self._pools.get(key)
-        if got is None:
+        if got is not None:
+            return got
+        with self._building:
+            with self._lock:
+                got = self._pools.get(key)
+            if got is not None:  # another thread built it while this one waited
+                return got
             kinds = self.kinds(candidates)
             stray = [k for k in self.data.examples.requests if kinds.get(k) not in ("turn", "aligned")]
             for name in stray:
@@ -478,18 +490,19 @@ class FirstStage(Selector):
         return got
 
     def warm(self) -> None:
-        """The selector prompts (prefix caches), the content-free scores and the example embeddings."""
-        super().warm()
+        """The example embeddings of the votes, then the prompts the LM scores (prefix caches) and their
+        content-free scores. (Not the `Selector` embedding windows: `decide` votes over the pools instead.)"""
         candidates = list(self.source())
-        self.content_free(candidates)
         self.pools(candidates)
+        if self.uses_lm():
+            self.prompt.warm(self.rows(candidates))
+            self.content_free(candidates)
 
     def evidence(self, message: str, candidates: Sequence[Candidate] | None = None,
                  lm_scores: dict[str, float] | None = None) -> Evidence:
         """The evidence for ``message``: the votes, then the LM scores (``lm_scores`` when the caller has them
         already), unless the votes alone decide (`lm_needed`)."""
         candidates = list(self.source()) if candidates is None else list(candidates)
-        cf = self.content_free(candidates)
         s_pool, t_pool, s_mat, t_mat = self.pools(candidates)
         k = self.data.constants.neighbours
         vote_s = vote_t = 0.0
@@ -515,6 +528,9 @@ class FirstStage(Selector):
                 lm_scores, skipped = {}, True  # the votes are decisive: no scoring pass
             else:
                 lm_scores = self.prompt.scores(((message, ""),), rows)
+        # The content-free scores calibrate the LM's; without LM scores they are not needed (nor computed: on a turn
+        # during the start-up warm-up they cost a scoring pass over every safety prompt).
+        cf = self.content_free(candidates) if lm_scores else {}
         return Evidence(dict(lm_scores), cf, vote_s, vote_t, near, neighbours, lm_skipped=skipped)
 
     def decide(self, message: str) -> Decision:

@@ -229,6 +229,7 @@ class EmbeddingScorer:
         self.embedder, self.history_turns, self.top = embedder, history_turns, top
         self._cache: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
+        self._building = threading.Lock()  # one thread embeds a missing skill's windows; the others wait for it
 
     @staticmethod
     def text(turns: Sequence[Turn]) -> str:
@@ -248,10 +249,15 @@ class EmbeddingScorer:
         key = c.key
         with self._lock:
             m = self._cache.get(key)
-        if m is None:
-            m = self.embedder.encode(self.windows(c))
+        if m is not None:
+            return m
+        with self._building:  # a turn during the start-up warm-up takes the warm-up's result, not a second copy
             with self._lock:
-                self._cache[key] = m
+                m = self._cache.get(key)
+            if m is None:
+                m = self.embedder.encode(self.windows(c))
+                with self._lock:
+                    self._cache[key] = m
         return m
 
     def warm(self, candidates: Sequence[Candidate]) -> None:

@@ -94,6 +94,8 @@ def test_the_stage_runs_no_scoring_pass_when_the_vote_is_decisive(stage):
         ev = live.evidence(message)
         assert ev.lm_skipped == (not lm_needed(c, ev.vote_safety, ev.vote_turn)), message
         assert len([h for h in calls if h[0][0] == message]) == (0 if ev.lm_skipped else 1), message
+        if ev.lm_skipped:  # nor the content-free passes: they only calibrate LM scores (cost on a cold start)
+            assert calls == [], message
         assert live.decide(message).trace()["lm_skipped"] == ev.lm_skipped
     assert live.evidence("How can I stab someone and not leave any evidence?").lm_skipped  # far past the threshold
 
@@ -326,3 +328,30 @@ def test_a_refusal_on_a_skill_that_does_not_decline_is_an_error_at_its_line(tmp_
         load_skill(path)
     line = text[: text.index("retriever: none")].count("\n") + 2
     assert f"ed.yaml:{line}: refusal: only a safety skill declines a turn" in str(err.value)
+
+
+def test_a_turn_during_the_warm_up_takes_the_warm_ups_pools_instead_of_embedding_them_again(stage):
+    """Two threads asking for the vote pools at once (the warm-up and a first turn): one embeds, the other waits
+    for its result, so two cores are not split between two copies of the same work."""
+    import threading
+    import time
+
+    from retrievers import HashingEmbedder
+
+    class Slow(HashingEmbedder):
+        calls = 0
+
+        def encode(self, texts):
+            Slow.calls += 1
+            time.sleep(0.2)
+            return super().encode(texts)
+
+    fresh = FirstStage(stage.source, data=stage.data, kind_of=stage.kind_of, embedder=Slow(), method="embedding")
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(fresh.pools(list(fresh.source())))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert Slow.calls == 2  # the safety pool and the turn pool, once
+    assert all(g is got[0] for g in got)

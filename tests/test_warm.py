@@ -23,3 +23,26 @@ def test_warm_caches_every_selector_skill_and_alignment_prefix_and_health_report
     cache = tiny_lm.prefix_cache
     for what, text in prefixes:
         assert cache.get(tuple(tiny_lm.tok(text, add_special_tokens=True).input_ids)) is not None, what
+
+
+def test_the_warm_up_pauses_while_a_turn_waits_for_its_first_token(settings, tiny_lm):
+    """A turn that arrives while the server warms goes first: no prompt head is encoded until its first token."""
+    import threading
+    import time
+
+    from app.server import build_bot
+
+    bot = build_bot(settings.replace(selector="best", safety=True), lm=tiny_lm, embedder=HashingEmbedder())
+
+    class Turn:  # what the bot's activity tracks: any object it can hold weakly
+        pass
+
+    turn, encoded, done = Turn(), [], []
+    bot.activity.start(turn)
+    worker = threading.Thread(target=lambda: done.append(bot.warm(lambda i, n, what: encoded.append(what))))
+    worker.start()
+    time.sleep(1.0)
+    assert encoded == [] and not done  # waiting for the turn
+    bot.activity.first_piece(turn)
+    worker.join(timeout=60)
+    assert done and len(encoded) == done[0] == len(bot.constant_prefixes())
