@@ -272,6 +272,10 @@ def read_mapping(path: Path, error: Callable[[Path, int, str], Exception],
         raise error(path, *yaml_problem(exc)) from None
     if not isinstance(data, dict):
         raise error(path, 1, not_mapping)
+    for key_node, _ in node.value:  # `1: x` or `null: x` are YAML keys, but not names
+        if key_node.tag != "tag:yaml.org,2002:str":
+            raise error(path, key_node.start_mark.line + 1,
+                        f"{key_node.value!r} is not a key name: keys are words such as name:, kind:, examples:")
     return data, _line_map(node)
 
 

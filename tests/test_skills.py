@@ -170,6 +170,16 @@ def test_each_bad_file_is_reported_with_its_line(name, line, message):
     assert str(err.value).startswith(f"{path}:{line}: {message}")
 
 
+@pytest.mark.parametrize("key", ["1", "null", "true", "2.5"])
+def test_a_key_that_is_not_a_name_is_reported_with_its_line_not_a_crash(tmp_path, key):
+    """YAML takes `1: x` as a key, but a skill's keys are names (the fuzz test found the TypeError this was)."""
+    text = (SKILLS / "persona.yaml").read_text(encoding="utf-8")
+    (tmp_path / "persona.yaml").write_text(f"name: persona\n{key}: x\n" + text.split("\n", 1)[1], encoding="utf-8")
+    with pytest.raises(SkillError) as err:
+        load_skill(tmp_path / "persona.yaml")
+    assert err.value.line == 2 and err.value.message.startswith(f"{key!r} is not a key name")
+
+
 def test_a_trigger_that_is_not_a_regular_expression_is_reported_with_its_line(tmp_path):
     text = (SKILLS / "wit.yaml").read_text(encoding="utf-8")
     lines = text.splitlines()
