@@ -53,6 +53,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from retrievers.embed import encode_examples
+
 from .selector import Candidate, Selector, turn_level
 from .skills import FileProblem
 
@@ -482,8 +484,9 @@ class FirstStage(Selector):
                 log.warning("%s: requests filed under %r, which is not a loaded turn-level skill: they count as "
                             "requests but never pick a skill", self.data.where("requests", name), name)
             s_pool, t_pool = pools(candidates, kinds, self.data.examples)
-            enc = self.embedding.embedder.encode if self.embedding is not None else None
-            mats = (enc(list(s_pool.texts)), enc(list(t_pool.texts))) if enc else (None, None)
+            emb = self.embedding.embedder if self.embedding is not None else None
+            mats = ((encode_examples(emb, list(s_pool.texts)), encode_examples(emb, list(t_pool.texts)))
+                    if emb is not None else (None, None))
             got = (s_pool, t_pool, *mats)
             with self._lock:
                 self._pools = {key: got}  # only the current skill files' pools are kept

@@ -36,6 +36,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from retrievers.embed import encode_examples
+
 from .lm.base import fast_bf16
 
 log = logging.getLogger(__name__)
@@ -255,7 +257,7 @@ class EmbeddingScorer:
             with self._lock:
                 m = self._cache.get(key)
             if m is None:
-                m = self.embedder.encode(self.windows(c))
+                m = encode_examples(self.embedder, self.windows(c))
                 with self._lock:
                     self._cache[key] = m
         return m

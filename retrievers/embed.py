@@ -95,6 +95,57 @@ def default_embedder() -> MiniLMEmbedder:
     return MiniLMEmbedder()
 
 
+class ExampleCache:
+    """An embedder whose ``encode_examples`` keeps vectors in SQLite by (model, text), so the skills' example
+    dialogues and the first stage's counter-examples are embedded once per install, not at every start (about 7 s of
+    MiniLM on 2 cores for the shipped files). ``encode`` (a user's message, a history) passes straight through and
+    stores nothing: only example texts from the skill and prompt files are kept.
+
+    Args:
+        embedder: the embedder to wrap (its ``name`` is part of every key).
+        db: a `retrievers.db.Database` (its own file: it is a cache, safe to delete).
+    """
+
+    def __init__(self, embedder, db):
+        from .db import write
+
+        self.inner, self.db = embedder, db
+        self.name, self.dim = embedder.name, embedder.dim
+        with write(db):
+            db.execute("CREATE TABLE IF NOT EXISTS example_vectors (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return self.inner.encode(texts)
+
+    def _key(self, text: str) -> str:
+        return hashlib.sha256(f"{self.name}\0{text}".encode("utf-8")).hexdigest()
+
+    def encode_examples(self, texts: Sequence[str]) -> np.ndarray:
+        """``encode``, from the cache where it has a text's vector; the others are embedded and stored."""
+        from .db import write
+
+        keys = [self._key(t) for t in texts]
+        found: dict[str, bytes] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            rows = self.db.execute(f"SELECT key, vec FROM example_vectors WHERE key IN ({','.join('?' * len(chunk))})",
+                                   chunk).fetchall()
+            found.update({k: v for k, v in rows if len(v) == 4 * self.dim})
+        missing = [i for i, k in enumerate(keys) if k not in found]
+        if missing:
+            vecs = self.inner.encode([texts[i] for i in missing])
+            with write(self.db):
+                self.db.conn.executemany("INSERT OR REPLACE INTO example_vectors (key, vec) VALUES (?, ?)",
+                                         [(keys[i], to_blob(v)) for i, v in zip(missing, vecs)])
+            found.update({keys[i]: to_blob(v) for i, v in zip(missing, vecs)})
+        return from_blobs([found[k] for k in keys], self.dim).copy()
+
+
+def encode_examples(embedder, texts: Sequence[str]) -> np.ndarray:
+    """Embed example texts through the embedder's cache where it has one (`ExampleCache`), else ``encode``."""
+    return getattr(embedder, "encode_examples", embedder.encode)(texts)
+
+
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
