@@ -449,15 +449,13 @@ class Bot:
         # their content-free scores (turns its votes leave open), then every other prompt head.
         first, selector = self.router.first_stage, self.router.selector
         calibrated = first is not None and hasattr(first, "pools")
-        if calibrated and first.embedding is not None:
+        if calibrated:
             first.pools(list(first.source()))
         for stage in (selector, None if calibrated else first):
             if stage is not None and stage.embedding is not None and stage.method != "prompt":
                 stage.embedding.warm(list(stage.source()))
-        if calibrated and first.uses_lm():
-            candidates = list(first.source())
-            first.prompt.warm(first.rows(candidates))
-            first.content_free(candidates)
+        if calibrated:
+            first.warm()  # its pools are cached by now: the scored prompts and their content-free scores
         prefixes = self.constant_prefixes() if hasattr(self.lm, "score_prefixes") else []
         for i, (what, text) in enumerate(prefixes, 1):
             # A turn that arrives while the server warms goes first: it encodes the few prefixes it needs itself

@@ -457,9 +457,7 @@ class FirstStage(Selector):
             with self._building:
                 missing = [c for c in candidates if c.key not in self._cf]  # what another thread has not added
                 sums = {c.key: 0.0 for c in missing}
-                for text in self.data.content_free:
-                    if not missing:
-                        break
+                for text in self.data.content_free if missing else ():
                     got = self.prompt.scores(((text, ""),), missing)
                     for c in missing:
                         sums[c.key] += got[c.name]

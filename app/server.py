@@ -16,6 +16,7 @@ def build_bot(settings: Settings, lm=None, embedder=None, web=None):
     import yaml
 
     from retrievers import WebSearch, default_embedder
+    from retrievers.embed import ExampleCache
 
     from .align import Aligner
     from .bot import Bot
@@ -36,8 +37,6 @@ def build_bot(settings: Settings, lm=None, embedder=None, web=None):
     knowledge = Knowledge(db, embedder, web=web or WebSearch(db, backend=settings.web_backend))
     if settings.starter_kb and not knowledge.kb.list():
         _ingest_starter_kb(knowledge)
-    from retrievers.embed import ExampleCache
-
     # The selectors embed the skills' examples through a cache in the data directory: a restart skips that work.
     router = build_router(settings, skills, lm, ExampleCache(embedder, open_db(settings.data_dir / "examples.db")))
     aligner = Aligner(lm, settings, variant=settings.align_variant, guarded=router.first_stage is not None)

@@ -134,10 +134,11 @@ class ExampleCache:
         missing = [i for i, k in enumerate(keys) if k not in found]
         if missing:
             vecs = self.inner.encode([texts[i] for i in missing])
+            new = {keys[i]: to_blob(v) for i, v in zip(missing, vecs)}
             with write(self.db):
                 self.db.conn.executemany("INSERT OR REPLACE INTO example_vectors (key, vec) VALUES (?, ?)",
-                                         [(keys[i], to_blob(v)) for i, v in zip(missing, vecs)])
-            found.update({keys[i]: to_blob(v) for i, v in zip(missing, vecs)})
+                                         list(new.items()))
+            found.update(new)
         return from_blobs([found[k] for k in keys], self.dim).copy()
 
 
