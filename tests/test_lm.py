@@ -200,3 +200,85 @@ def test_auto_dtype_is_bfloat16_only_where_it_is_fast_and_names_are_checked():
     assert resolve_dtype("bfloat16", cuda=False, cpuinfo=AVX2_ONLY) is torch.bfloat16
     with pytest.raises(ValueError, match="FSB_DTYPE must be auto, float32, bfloat16, float16; got 'fp8'"):
         resolve_dtype("fp8", cuda=False)
+
+
+# ------------------------------------------------------------------------------------------- kernel choice
+def spy_on(model, seen: list):
+    """Record (tokens fed, oneDNN on?, weights' dtype) for every forward of ``model``."""
+    real = model.forward
+
+    def spy(*a, **kw):
+        seen.append((kw["input_ids"].numel(), torch._C._get_mkldnn_enabled(), model.dtype))
+        return real(*a, **kw)
+
+    model.forward = spy
+
+
+def test_small_decode_steps_go_around_onednn_and_everything_else_through_it(tiny_lm):
+    """A decode step of at most ``native_rows`` rows runs with oneDNN off (its one-row bfloat16 product is slow on
+    AVX512-BF16 CPUs); a prefill and a one-token scoring forward do not; the setting is restored, also on error."""
+    from app.lm.decoding import ModelRunner
+
+    runner = ModelRunner(tiny_lm.model, PrefixCache(0))
+    runner.native_rows = 2
+    seen = []
+    before = torch._C._get_mkldnn_enabled()
+    spy_on(tiny_lm.model, seen)
+    try:
+        cache, _ = runner.forward(torch.tensor([[5, 6, 7, 8]]))  # a prefill: 4 tokens
+        runner.forward(torch.tensor([[9]]), cache, positions=torch.tensor([[4]]), decode=True)  # a decode step
+        runner.forward(torch.tensor([[9]] * 3), None, decode=True)  # three rows: through oneDNN
+        runner.forward(torch.tensor([[9]]))  # one token, but not a decode step
+        with pytest.raises(AttributeError):  # a failing forward inside the block
+            runner.forward(torch.tensor([[9]]), "not a cache", decode=True)
+    finally:
+        del tiny_lm.model.forward
+    assert [(n, on) for n, on, _ in seen[:4]] == [(4, before), (1, False), (3, before), (1, before)]
+    assert torch._C._get_mkldnn_enabled() == before
+
+
+def test_the_kernel_choice_and_the_decoder_apply_only_where_they_can_pay(tiny_lm):
+    from app.lm.decoding import bfloat16_decoder, native_kernel_rows
+
+    assert tiny_lm.model.dtype == torch.float32 and native_kernel_rows(tiny_lm.model) == 0  # no bfloat16 weights
+    assert bfloat16_decoder(tiny_lm.model, max_parameters=1000) is None  # too large for a second copy
+    assert bfloat16_decoder(tiny_lm.model.to(torch.bfloat16)) is None  # already bfloat16
+    tiny_lm.model.to(torch.float32)
+
+
+def test_a_bfloat16_decoder_runs_the_decode_steps_and_nothing_else(tiny_lm):
+    """With a bfloat16 copy attached, prefill and scoring stay on the float32 model and every decode step (plain
+    loop, batch scheduler with rows joining a running batch) runs on the copy; scores are unchanged by it."""
+    import copy
+    import threading
+
+    from app.lm.batching import BatchedLM
+
+    scores = tiny_lm.score("User: hi", [" hello there", " no"])
+    runner = tiny_lm.runner
+    runner.decoder = copy.deepcopy(tiny_lm.model).to(torch.bfloat16).eval()
+    main, dec = [], []
+    spy_on(tiny_lm.model, main)
+    spy_on(runner.decoder, dec)
+    batched = BatchedLM(tiny_lm)
+    try:
+        assert tiny_lm.score("User: hi", [" hello there", " no"]) == scores
+        text = "".join(tiny_lm.generate(PROMPT, max_new_tokens=6))
+        assert len(dec) == 5 and all(n == 1 and dt == torch.bfloat16 for n, _, dt in dec)
+        assert all(dt == torch.float32 for _, _, dt in main)
+        outs = [None] * 3
+
+        def chat(i):
+            outs[i] = "".join(batched.generate(PROMPT + " " * i, max_new_tokens=12))
+
+        threads = [threading.Thread(target=chat, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(isinstance(o, str) and o for o in outs) and text
+        assert max(n for n, _, _ in dec) > 1  # rows shared decode steps, their caches cast on joining
+    finally:
+        batched.close()
+        runner.decoder = None
+        del tiny_lm.model.forward

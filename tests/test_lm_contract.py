@@ -144,9 +144,12 @@ def backend(request):
 
 # ---------------------------------------------------------------------------------------------- the contract
 def bfloat16(lm) -> bool:
-    """Whether ``lm`` (possibly wrapped in `BatchedLM`) holds its weights in bfloat16."""
-    model = getattr(getattr(lm, "lm", lm), "model", None)
-    return model is not None and getattr(model, "dtype", None) == torch.bfloat16
+    """Whether ``lm`` (possibly wrapped in `BatchedLM`) decodes in bfloat16: its weights are bfloat16, or a float32
+    model decodes on a bfloat16 copy (FSB_DTYPE auto on a CPU without fast bfloat16 products)."""
+    inner = getattr(lm, "lm", lm)
+    model = getattr(inner, "model", None)
+    decoder = getattr(getattr(inner, "runner", None), "decoder", None)
+    return model is not None and (getattr(model, "dtype", None) == torch.bfloat16 or decoder is not None)
 
 
 def first_stop_in(text: str) -> str:

@@ -247,6 +247,7 @@ class BatchScheduler:
 
     def _join(self, row: _Row, cache) -> None:
         """Merge a prefilled row's KV into the running batch (left-padding the shorter side)."""
+        cache = self.runner.for_decoding(cache)  # float32 prefill, bfloat16 decoder: cast the one row, not the batch
         if not self._rows:
             self._cache, self._mask = cache, torch.ones(1, row.pos, dtype=torch.long)
         else:
@@ -301,7 +302,7 @@ class BatchScheduler:
     def _decode_step(self, feed: torch.Tensor, positions: torch.Tensor):
         """One forward for every row: ids, positions [B, 1] -> (cache, logits [B, V])."""
         if self._compiled is None:
-            cache, out = self.runner.forward(feed, self._cache, mask=self._mask, positions=positions)
+            cache, out = self.runner.forward(feed, self._cache, mask=self._mask, positions=positions, decode=True)
             return cache, out[:, -1]
         dev = self.runner.device
         try:

@@ -8,7 +8,9 @@ Shapes: ids [B, L]; mask [B, past + L] (1 = real token); logits [B, V] (``keep=1
 """
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from typing import Sequence
 
 import torch
@@ -32,23 +34,45 @@ class ModelRunner:
         self.model = model
         self.prefix_cache = prefix_cache
         self.lock = threading.Lock()
+        # A bfloat16 copy of a float32 model that runs the decode steps (`bfloat16_decoder`), or None.
+        self.decoder = None
+        # Decode steps of at most this many rows run on ATen's own kernels instead of oneDNN's (`native_kernel_rows`);
+        # measured at the first decode step (a few tenths of a second).
+        self.native_rows: int | None = None
 
     @property
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
-    def forward(self, ids: torch.Tensor, cache=None, mask=None, positions=None, keep: int = 1):
-        """(cache, logits) after feeding ``ids`` [B, L] on ``cache``; logits of the last ``keep`` positions (0: all)."""
+    def forward(self, ids: torch.Tensor, cache=None, mask=None, positions=None, keep: int = 1, decode: bool = False):
+        """(cache, logits) after feeding ``ids`` [B, L] on ``cache``; logits of the last ``keep`` positions (0: all).
+
+        ``decode`` marks a generation's decode step (one new token per row): it runs on the bfloat16 decoder when
+        there is one and, for few rows, around oneDNN. Prefill and scoring never do, so scores do not depend on how
+        many rows are scored together. The cache is cast to the dtype of the model that runs.
+        """
         with self.lock, torch.inference_mode():
-            out = self.model(
-                input_ids=ids.to(self.device),
-                cache=cache,
-                attention_mask=None if mask is None else mask.to(self.device),
-                position_ids=None if positions is None else positions.to(self.device),
-                use_cache=True,
-                logits_to_keep=keep,
-            )
+            model, kernels = self.model, contextlib.nullcontext()
+            if decode:
+                model = self.decoder or self.model
+                if self.native_rows is None:
+                    self.native_rows = native_kernel_rows(model)
+                if ids.shape[0] <= self.native_rows:
+                    kernels = onednn(enabled=False)
+            with kernels:
+                out = model(
+                    input_ids=ids.to(self.device),
+                    cache=cast_cache(cache, model.dtype),
+                    attention_mask=None if mask is None else mask.to(self.device),
+                    position_ids=None if positions is None else positions.to(self.device),
+                    use_cache=True,
+                    logits_to_keep=keep,
+                )
         return out.cache, out.logits
+
+    def for_decoding(self, cache):
+        """``cache`` in the dtype decode steps run in (a joining row's, before it is merged into a running batch)."""
+        return cast_cache(cache, (self.decoder or self.model).dtype)
 
     def cached_prefix(self, ids: tuple[int, ...]) -> CachedPrefix:
         """The prefix cache's entry for ``ids``, encoding it (batch 1) on a miss."""
@@ -69,6 +93,101 @@ class ModelRunner:
             return cache, logits[0, -1]
         cache, logits = self.forward(torch.tensor([ids]))
         return cache, logits[0, -1]
+
+
+# ------------------------------------------------------------------------------------------ kernel choice
+@contextlib.contextmanager
+def onednn(enabled: bool):
+    """Turn oneDNN (mkldnn) kernels on or off for the block, then restore the setting.
+
+    The setting is process-wide: callers hold the model's forward lock, so no other forward of this model runs
+    meanwhile; another thread's float32 work does not use oneDNN's matrix products anyway, and for any op the
+    setting only picks which kernel computes it, never what it computes.
+    """
+    before = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(before)
+
+
+def native_kernel_rows(model, candidates: Sequence[int] = (1, 2, 3, 4), repeats: int = 3) -> int:
+    """The most rows of a decode step for which ATen's own bfloat16 matrix products beat oneDNN's on this CPU, timed
+    on the model's output layer (its largest matrix); 0 when oneDNN wins or does not apply.
+
+    Why: on a CPU with AVX512-BF16, oneDNN's bfloat16 product for one row reads the weights at about a third of the
+    speed ATen's own vector kernel does (gemma-3-270m's 262k x 640 output layer: 24.8 against 9.3 ms; a whole decode
+    step 56 against 29 ms on 2 cores of an AMD EPYC), while for many rows (a prefill, a scoring pass, a batch of 4 or
+    more) oneDNN is far faster (300 prompt tokens: 0.30 against 1.6 s). So a one- or two-row decode step goes around
+    oneDNN and everything larger goes through it. Float32 weights, GPUs and builds without oneDNN are untouched.
+    """
+    weight = _output_weight(model)
+    if (weight is None or weight.dtype != torch.bfloat16 or weight.device.type != "cpu"
+            or not torch.backends.mkldnn.is_available()):
+        return 0
+    best = 0
+    for rows in candidates:
+        x = torch.randn(rows, weight.shape[1]).to(torch.bfloat16)
+        if _best_ms(x, weight, enabled=False, repeats=repeats) < 0.9 * _best_ms(x, weight, True, repeats):
+            best = rows
+        else:
+            break
+    return best
+
+
+def bfloat16_decoder(model, max_parameters: float = 2e9):
+    """A bfloat16 copy of a float32 CPU ``model`` for decode steps, or None where it would not pay.
+
+    Why: a decode step reads every weight once for one token per row, so it is bound by memory traffic, and
+    bfloat16 weights are half of float32's. Prefill and scoring (many tokens at once) are bound by arithmetic, which
+    is slow in bfloat16 on a CPU without AVX512-BF16 or AMX, so they stay on the float32 model. The copy is made only
+    when one output-layer product of one row is clearly faster in bfloat16 here (gemma-3-270m, 262k x 640 output
+    layer: 9 against 53 ms), and only for models up to ``max_parameters`` (the copy costs half the model's memory
+    again). The KV caches are cast between the two (`cast_cache`).
+    """
+    import copy
+
+    weight = _output_weight(model)
+    if (weight is None or weight.dtype != torch.float32 or weight.device.type != "cpu"
+            or sum(p.numel() for p in model.parameters()) > max_parameters):
+        return None
+    x = torch.randn(1, weight.shape[1])
+    float32_ms = _best_ms(x, weight, enabled=True)
+    small = weight.to(torch.bfloat16)
+    bfloat16_ms = _best_ms(x.to(torch.bfloat16), small, enabled=False)
+    if bfloat16_ms > 0.7 * float32_ms:
+        return None
+    return copy.deepcopy(model).to(torch.bfloat16).eval()
+
+
+def cast_cache(cache, dtype: torch.dtype):
+    """``cache`` with its keys and values in ``dtype`` (its layers rebound, as transformers' own updates do)."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return cache
+    for layer in layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor) and t.dtype != dtype and t.is_floating_point():
+                setattr(layer, name, t.to(dtype))
+    return cache
+
+
+def _output_weight(model) -> torch.Tensor | None:
+    head = model.get_output_embeddings()
+    return getattr(head, "weight", None)
+
+
+def _best_ms(x: torch.Tensor, weight: torch.Tensor, enabled: bool, repeats: int = 3) -> float:
+    """The fastest of ``repeats`` products x @ weight.T in ms, with oneDNN on or off (a first call warms up)."""
+    times = []
+    with onednn(enabled), torch.inference_mode():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, weight)
+            times.append(time.perf_counter() - start)
+    return min(times[1:]) * 1000
 
 
 # ------------------------------------------------------------------------------------------------ token choice
