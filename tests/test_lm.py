@@ -215,12 +215,12 @@ def spy_on(model, seen: list):
 
 
 def test_small_decode_steps_go_around_onednn_and_everything_else_through_it(tiny_lm):
-    """A decode step of at most ``native_rows`` rows runs with oneDNN off (its one-row bfloat16 product is slow on
+    """A decode step of at most ``native_tokens`` tokens runs with oneDNN off (its one-row bfloat16 product is slow on
     AVX512-BF16 CPUs); a prefill and a one-token scoring forward do not; the setting is restored, also on error."""
     from app.lm.decoding import ModelRunner
 
     runner = ModelRunner(tiny_lm.model, PrefixCache(0))
-    runner.native_rows = 2
+    runner.native_tokens = 2
     seen = []
     before = torch._C._get_mkldnn_enabled()
     spy_on(tiny_lm.model, seen)
@@ -238,9 +238,9 @@ def test_small_decode_steps_go_around_onednn_and_everything_else_through_it(tiny
 
 
 def test_the_kernel_choice_and_the_decoder_apply_only_where_they_can_pay(tiny_lm):
-    from app.lm.decoding import bfloat16_decoder, native_kernel_rows
+    from app.lm.decoding import bfloat16_decoder, native_kernel_tokens
 
-    assert tiny_lm.model.dtype == torch.float32 and native_kernel_rows(tiny_lm.model) == 0  # no bfloat16 weights
+    assert tiny_lm.model.dtype == torch.float32 and native_kernel_tokens(tiny_lm.model) == 0  # no bfloat16 weights
     assert bfloat16_decoder(tiny_lm.model, max_parameters=1000) is None  # too large for a second copy
     assert bfloat16_decoder(tiny_lm.model.to(torch.bfloat16)) is None  # already bfloat16
     tiny_lm.model.to(torch.float32)
@@ -265,6 +265,7 @@ def test_a_bfloat16_decoder_runs_the_decode_steps_and_nothing_else(tiny_lm):
         assert tiny_lm.score("User: hi", [" hello there", " no"]) == scores
         text = "".join(tiny_lm.generate(PROMPT, max_new_tokens=6))
         assert len(dec) == 5 and all(n == 1 and dt == torch.bfloat16 for n, _, dt in dec)
+        assert "".join(tiny_lm.generate_lookup(PROMPT, max_new_tokens=6)) and len(dec) > 5  # drafts verified on it
         assert all(dt == torch.float32 for _, _, dt in main)
         outs = [None] * 3
 

@@ -36,9 +36,9 @@ class ModelRunner:
         self.lock = threading.Lock()
         # A bfloat16 copy of a float32 model that runs the decode steps (`bfloat16_decoder`), or None.
         self.decoder = None
-        # Decode steps of at most this many rows run on ATen's own kernels instead of oneDNN's (`native_kernel_rows`);
-        # measured at the first decode step (a few tenths of a second).
-        self.native_rows: int | None = None
+        # Decode steps of at most this many tokens (rows x length) run on ATen's own kernels instead of oneDNN's
+        # (`native_kernel_tokens`); measured at the first decode step (a few tenths of a second).
+        self.native_tokens: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -47,17 +47,17 @@ class ModelRunner:
     def forward(self, ids: torch.Tensor, cache=None, mask=None, positions=None, keep: int = 1, decode: bool = False):
         """(cache, logits) after feeding ``ids`` [B, L] on ``cache``; logits of the last ``keep`` positions (0: all).
 
-        ``decode`` marks a generation's decode step (one new token per row): it runs on the bfloat16 decoder when
-        there is one and, for few rows, around oneDNN. Prefill and scoring never do, so scores do not depend on how
+        ``decode`` marks a generation's decode step (one new token per row, or a few drafted ones to verify): it runs
+        on the bfloat16 decoder when there is one and, for few tokens, around oneDNN. Prefill and scoring never do, so scores do not depend on how
         many rows are scored together. The cache is cast to the dtype of the model that runs.
         """
         with self.lock, torch.inference_mode():
             model, kernels = self.model, contextlib.nullcontext()
             if decode:
                 model = self.decoder or self.model
-                if self.native_rows is None:
-                    self.native_rows = native_kernel_rows(model)
-                if ids.shape[0] <= self.native_rows:
+                if self.native_tokens is None:
+                    self.native_tokens = native_kernel_tokens(model)
+                if ids.numel() <= self.native_tokens:
                     kernels = onednn(enabled=False)
             with kernels:
                 out = model(
@@ -112,9 +112,9 @@ def onednn(enabled: bool):
         torch._C._set_mkldnn_enabled(before)
 
 
-def native_kernel_rows(model, candidates: Sequence[int] = (1, 2, 3, 4), repeats: int = 3) -> int:
-    """The most rows of a decode step for which ATen's own bfloat16 matrix products beat oneDNN's on this CPU, timed
-    on the model's output layer (its largest matrix); 0 when oneDNN wins or does not apply.
+def native_kernel_tokens(model, candidates: Sequence[int] = (1, 2, 3, 4), repeats: int = 3) -> int:
+    """The most tokens (rows x length) of a decode step for which ATen's own bfloat16 matrix products beat oneDNN's
+    on this CPU, timed on the model's output layer (its largest matrix); 0 when oneDNN wins or does not apply.
 
     Why: on a CPU with AVX512-BF16, oneDNN's bfloat16 product for one row reads the weights at about a third of the
     speed ATen's own vector kernel does (gemma-3-270m's 262k x 640 output layer: 24.8 against 9.3 ms; a whole decode
@@ -127,10 +127,10 @@ def native_kernel_rows(model, candidates: Sequence[int] = (1, 2, 3, 4), repeats:
             or not torch.backends.mkldnn.is_available()):
         return 0
     best = 0
-    for rows in candidates:
-        x = torch.randn(rows, weight.shape[1]).to(torch.bfloat16)
+    for tokens in candidates:
+        x = torch.randn(tokens, weight.shape[1]).to(torch.bfloat16)
         if _best_ms(x, weight, enabled=False, repeats=repeats) < 0.9 * _best_ms(x, weight, True, repeats):
-            best = rows
+            best = tokens
         else:
             break
     return best

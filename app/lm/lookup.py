@@ -79,7 +79,7 @@ def lookup_decode(lm, ids: list[int], prefix_len: int, stops: Sequence[str], max
         feed = [token] + guess
         start = len(seq) - 1
         positions = torch.arange(start, start + len(feed))[None]
-        cache, out = runner.forward(torch.tensor([feed]), cache, positions=positions, keep=0)
+        cache, out = runner.forward(torch.tensor([feed]), cache, positions=positions, keep=0, decode=True)
         passes += 1
         predicted = out[0].float().argmax(-1).tolist()  # predicted[i]: the greedy token after feed[i]
         kept = 0
