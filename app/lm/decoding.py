@@ -37,7 +37,7 @@ class ModelRunner:
         # A bfloat16 copy of a float32 model that runs the decode steps (`bfloat16_decoder`), or None.
         self.decoder = None
         # Decode steps of at most this many tokens (rows x length) run on ATen's own kernels instead of oneDNN's
-        # (`native_kernel_tokens`); measured at the first decode step (a few tenths of a second).
+        # (`native_kernel_tokens`); None: measured at the first decode step (`TransformersLM` measures it at load).
         self.native_tokens: int | None = None
 
     @property
