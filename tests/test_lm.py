@@ -238,12 +238,13 @@ def test_small_decode_steps_go_around_onednn_and_everything_else_through_it(tiny
 
 
 def test_the_kernel_choice_and_the_decoder_apply_only_where_they_can_pay(tiny_lm):
+    import copy
+
     from app.lm.decoding import bfloat16_decoder, native_kernel_tokens
 
     assert tiny_lm.model.dtype == torch.float32 and native_kernel_tokens(tiny_lm.model) == 0  # no bfloat16 weights
     assert bfloat16_decoder(tiny_lm.model, max_parameters=1000) is None  # too large for a second copy
-    assert bfloat16_decoder(tiny_lm.model.to(torch.bfloat16)) is None  # already bfloat16
-    tiny_lm.model.to(torch.float32)
+    assert bfloat16_decoder(copy.deepcopy(tiny_lm.model).to(torch.bfloat16)) is None  # already bfloat16
 
 
 def test_a_bfloat16_decoder_runs_the_decode_steps_and_nothing_else(tiny_lm):
