@@ -48,8 +48,9 @@ class ModelRunner:
         """(cache, logits) after feeding ``ids`` [B, L] on ``cache``; logits of the last ``keep`` positions (0: all).
 
         ``decode`` marks a generation's decode step (one new token per row, or a few drafted ones to verify): it runs
-        on the bfloat16 decoder when there is one and, for few tokens, around oneDNN. Prefill and scoring never do, so scores do not depend on how
-        many rows are scored together. The cache is cast to the dtype of the model that runs.
+        on the bfloat16 decoder when there is one and, for few tokens, around oneDNN. Prefill and scoring never do,
+        so scores do not depend on how many rows are scored together. The cache is cast to the dtype of the model
+        that runs.
         """
         with self.lock, torch.inference_mode():
             model, kernels = self.model, contextlib.nullcontext()
@@ -129,7 +130,7 @@ def native_kernel_tokens(model, candidates: Sequence[int] = (1, 2, 3, 4), repeat
     best = 0
     for tokens in candidates:
         x = torch.randn(tokens, weight.shape[1]).to(torch.bfloat16)
-        if _best_ms(x, weight, enabled=False, repeats=repeats) < 0.9 * _best_ms(x, weight, True, repeats):
+        if _best_ms(x, weight, False, repeats) < 0.9 * _best_ms(x, weight, True, repeats):
             best = tokens
         else:
             break
@@ -142,9 +143,9 @@ def bfloat16_decoder(model, max_parameters: float = 2e9):
     Why: a decode step reads every weight once for one token per row, so it is bound by memory traffic, and
     bfloat16 weights are half of float32's. Prefill and scoring (many tokens at once) are bound by arithmetic, which
     is slow in bfloat16 on a CPU without AVX512-BF16 or AMX, so they stay on the float32 model. The copy is made only
-    when one output-layer product of one row is clearly faster in bfloat16 here (gemma-3-270m, 262k x 640 output
-    layer: 9 against 53 ms), and only for models up to ``max_parameters`` (the copy costs half the model's memory
-    again). The KV caches are cast between the two (`cast_cache`).
+    when one output-layer product of one row is clearly faster in bfloat16 here (gemma-3-270m's 262k x 640 output
+    layer, AVX2 emulated on an EPYC: 9 against 53 ms), and only for models up to ``max_parameters`` (the copy costs
+    half the model's memory again). The KV caches are cast between the two (`cast_cache`).
     """
     import copy
 
