@@ -257,7 +257,7 @@ def test_a_bfloat16_decoder_runs_the_decode_steps_and_nothing_else(tiny_lm):
 
     scores = tiny_lm.score("User: hi", [" hello there", " no"])
     runner = tiny_lm.runner
-    runner.decoder = copy.deepcopy(tiny_lm.model).to(torch.bfloat16).eval()
+    runner.use_decoder(copy.deepcopy(tiny_lm.model).to(torch.bfloat16).eval())
     main, dec = [], []
     spy_on(tiny_lm.model, main)
     spy_on(runner.decoder, dec)
@@ -282,5 +282,5 @@ def test_a_bfloat16_decoder_runs_the_decode_steps_and_nothing_else(tiny_lm):
         assert max(n for n, _, _ in dec) > 1  # rows shared decode steps, their caches cast on joining
     finally:
         batched.close()
-        runner.decoder = None
+        runner.use_decoder(None)
         del tiny_lm.model.forward

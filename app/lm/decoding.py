@@ -34,11 +34,11 @@ class ModelRunner:
         self.model = model
         self.prefix_cache = prefix_cache
         self.lock = threading.Lock()
-        # A bfloat16 copy of a float32 model that runs the decode steps (`bfloat16_decoder`), or None.
+        # A bfloat16 copy of a float32 model that runs the decode steps (`bfloat16_decoder`, `use_decoder`), or None.
         self.decoder = None
         # Decode steps of at most this many tokens (rows x length) run on ATen's own kernels instead of oneDNN's
-        # (`native_kernel_tokens`); None: measured at the first decode step (`TransformersLM` measures it at load).
-        self.native_tokens: int | None = None
+        # (`native_kernel_tokens`): timed now, at load, not during the first reply.
+        self.native_tokens = native_kernel_tokens(model)
 
     @property
     def device(self) -> torch.device:
@@ -56,8 +56,6 @@ class ModelRunner:
             model, kernels = self.model, contextlib.nullcontext()
             if decode:
                 model = self.decoder or self.model
-                if self.native_tokens is None:
-                    self.native_tokens = native_kernel_tokens(model)
                 if ids.numel() <= self.native_tokens:
                     kernels = onednn(enabled=False)
             with kernels:
@@ -70,6 +68,11 @@ class ModelRunner:
                     logits_to_keep=keep,
                 )
         return out.cache, out.logits
+
+    def use_decoder(self, decoder) -> None:
+        """Run decode steps on ``decoder`` (None: on the model itself), with the kernel choice timed for it."""
+        self.decoder = decoder
+        self.native_tokens = native_kernel_tokens(decoder if decoder is not None else self.model)
 
     def for_decoding(self, cache):
         """``cache`` in the dtype decode steps run in (a joining row's, before it is merged into a running batch)."""

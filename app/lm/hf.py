@@ -18,8 +18,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .base import LMError, Sampling, fast_bf16
-from .decoding import (ModelRunner, RowStream, bfloat16_decoder, choose, generator_for, is_greedy, left_pad,
-                       native_kernel_tokens)
+from .decoding import ModelRunner, RowStream, bfloat16_decoder, choose, generator_for, is_greedy, left_pad
 from .lookup import lookup_decode
 from .prefix_cache import CachedPrefix, PrefixCache, fork_cache
 
@@ -64,7 +63,6 @@ class TransformersLM:
         self.name = name
         self.prefix_cache = PrefixCache(prefix_cache_entries)
         self.runner = ModelRunner(self.model, self.prefix_cache)  # the forward lock and prefill every loop shares
-        self.runner.native_tokens = native_kernel_tokens(self.model)  # timed now, not during the first reply
         self.fast = None  # an attached single-stream fast path (`fast.FastPath`), set by `load_lm` on CUDA
         cfg = model.config
         self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
@@ -96,9 +94,7 @@ class TransformersLM:
         if dtype == "auto" and not cuda and torch_dtype == torch.float32:
             # float32 for prefill and scoring on a CPU without fast bfloat16 products; decode steps in bfloat16 where
             # that is measurably faster here (`decoding.bfloat16_decoder`)
-            lm.runner.decoder = bfloat16_decoder(model)
-            if lm.runner.decoder is not None:
-                lm.runner.native_tokens = native_kernel_tokens(lm.runner.decoder)
+            lm.runner.use_decoder(bfloat16_decoder(model))
         return lm
 
     @property
