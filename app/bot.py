@@ -576,16 +576,64 @@ def run_parser(parser: Skill, lm: LM, dialogue, budget_tokens: int, history_turn
     """A parser skill's output for the recent ``dialogue``: the one way a parser runs, in a turn and in
     ``fsb eval skill --chain``."""
     turns = [list(t) for t in dialogue[-history_turns:]]
-    g = parser.generation
     prompt = parser.prompt({"dialogue": turns}, budget_tokens=budget_tokens, count_tokens=lm.count_tokens)
-    # A parser whose output copies its prompt (the dialogue state: slot names, the user's values) asks for prompt-lookup
-    # decoding (``generation.lookup``), where the backend has it (app/lm/lookup.py): the same greedy text, fewer passes.
-    # Only a class's own method counts: a wrapper that overrides ``generate`` and delegates the rest must keep the call.
+    return parser_output(parser, lm, prompt)
+
+
+def parser_output(parser: Skill, lm: LM, prompt) -> str:
+    """Generate a parser's output for its built ``prompt`` (greedy, its stops and budget), stopping at a loop.
+
+    A parser whose output copies its prompt (the dialogue state: slot names, the user's values) asks for prompt-lookup
+    decoding (``generation.lookup``), where the backend has it (app/lm/lookup.py): the same greedy text, fewer passes.
+    Only a class's own method counts: a wrapper that overrides ``generate`` and delegates the rest must keep the call.
+
+    A small greedy model sometimes falls into a loop (``[Jane Austen, ~writer, Jane Austen, Jane Austen, ...`` until
+    the token limit): generation stops as soon as the output repeats its last words (`loop_cut`), and the copy is
+    dropped, which saves the rest of the budget and keeps the junk out of the retriever's query.
+    """
+    g = parser.generation
     lookup = g.lookup and getattr(type(lm), "generate_lookup", None) is not None
     generate = lm.generate_lookup if lookup else lm.generate
-    return "".join(generate(prompt.text, stop=parser.stop, max_new_tokens=g.max_new_tokens,
-                            sampling=Sampling(g.temperature, g.top_p, g.top_k, g.repetition_penalty),
-                            prefix=prompt.prefix)).strip()
+    pieces = generate(prompt.text, stop=parser.stop, max_new_tokens=g.max_new_tokens,
+                      sampling=Sampling(g.temperature, g.top_p, g.top_k, g.repetition_penalty), prefix=prompt.prefix)
+    text = ""
+    try:
+        for piece in pieces:
+            text += piece
+            cut = loop_cut(text)
+            if cut is not None:
+                text = cut
+                break
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()  # a generation left early frees its row (the batch scheduler) or its stream (a remote engine)
+    return text.strip()
+
+
+_WORD = re.compile(r"\S+")
+
+
+def loop_cut(text: str, min_words: int = 2, min_chars: int = 8) -> str | None:
+    """``text`` without its last words when they repeat the words right before them (a loop), else None.
+
+    The repeated span has at least ``min_words`` words and ``min_chars`` characters, so "very very" or a slot name
+    that recurs further apart is no loop.
+
+    >>> loop_cut("[Jane Austen, ~writer, Jane Austen, Jane Austen,")
+    '[Jane Austen, ~writer, Jane Austen,'
+    >>> loop_cut("[Adele, ~artist, 21] [Adele, ~artist, 21]")
+    '[Adele, ~artist, 21]'
+    >>> loop_cut("hotel-area=centre, hotel-parking=yes") is None
+    True
+    """
+    words = list(_WORD.finditer(text))
+    n = len(words)
+    for k in range(min_words, n // 2 + 1):
+        tail = [w.group() for w in words[n - k:]]
+        if tail == [w.group() for w in words[n - 2 * k:n - k]] and words[-1].end() - words[n - k].start() >= min_chars:
+            return text[:words[n - k].start()].rstrip()
+    return None
 
 
 def _logged(job: Callable[[], None]) -> Callable[[], None]:

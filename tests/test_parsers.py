@@ -90,3 +90,63 @@ def test_msc_parse_writes_memory_that_the_memory_skill_reads_back(settings, tiny
                      user="ana")
     later.text()
     assert "I have a parrot called Kiwi." in live_part(later.reply.prompt, "User Memory:")
+
+
+class LoopingParser(ScriptedParser):
+    """A parser whose scripted output falls into a loop; counts the pieces read and whether the stream was closed."""
+
+    def __init__(self, lm, label: str, head: list[str], loop: list[str]):
+        super().__init__(lm, label, "")
+        self.head, self.loop = head, loop
+        self.read, self.closed = 0, False
+
+    def generate(self, prompt, **kw):
+        if not prompt.endswith(self.label):
+            yield from self._lm.generate(prompt, **kw)
+            return
+        try:
+            for piece in self.head + self.loop * 20:
+                self.read += 1
+                yield piece
+        finally:
+            self.closed = True
+
+
+def test_loop_cut_finds_repeated_words_and_nothing_else():
+    from app.bot import loop_cut
+
+    assert loop_cut("[Jane Austen, ~writer, Jane Austen, Jane Austen,") == "[Jane Austen, ~writer, Jane Austen,"
+    assert loop_cut("[Adele, ~artist, 21] [Adele, ~artist, 21]") == "[Adele, ~artist, 21]"
+    assert loop_cut("[Sia, ~singer, singer, singer,") is None  # one repeated word is too short to call a loop
+    assert loop_cut("[Sia, ~singer, singer, singer, singer, singer,") == "[Sia, ~singer, singer, singer,"
+    for fine in ("hotel-area=centre, hotel-parking=yes, hotel-pricerange=cheap, hotel-stars=4",
+                 "restaurant-book_day=saturday, restaurant-book_people=4, restaurant-book_time=19:00",
+                 "[The Martian, directed_by, Ridley Scott] [Ridley Scott, ~directed_by, Gladiator]",
+                 "very very cheap", "I have a dog. I have a cat.", ""):
+        assert loop_cut(fine) is None, fine
+
+
+def test_a_parser_in_a_loop_stops_there_and_the_retriever_gets_one_copy(settings, tiny_lm):
+    lm = LoopingParser(tiny_lm, "KG Path:", [" [Jane", " Austen,", " ~writer,"], [" Jane", " Austen,"])
+    bot = bot_with(settings, lm)
+    bot.knowledge.kg.add([("Jane Austen", "wrote", "Emma")])
+    stream = bot.turn([{"role": "user", "content": "I want to read something by Jane Austen."}], skill="dialkg",
+                      max_tokens=3)
+    stream.text()
+    parse = next(s for s in stream.reply.trace["steps"] if s["step"] == "parse")
+    assert parse["output"] == "[Jane Austen, ~writer, Jane Austen,"
+    assert lm.read == 7 and lm.closed  # the second copy ended the generation; the other 38 pieces were never made
+    retrieve = next(s for s in stream.reply.trace["steps"] if s["step"] == "retrieve")
+    assert retrieve["query"] == parse["output"] and "Emma" in retrieve["passages"][0]["text"]
+
+
+def test_the_parser_evaluation_cuts_loops_as_the_bot_does(settings, tiny_lm):
+    from app.evaluation.skill_eval import Sample, evaluate
+    from app.skills import SkillRegistry
+
+    parser = SkillRegistry(settings.skills_dir).get("dialkg-parse")
+    lm = LoopingParser(tiny_lm, "KG Path:", [" [Jane", " Austen,", " ~writer,"], [" Jane", " Austen,"])
+    sample = Sample(record=0, turn=0, fields={"dialogue": [["Anything by Jane Austen?"]]},
+                    gold={"query": "[Jane Austen, ~written_by, Emma]"})
+    result = evaluate(parser, [sample], lm, "dialkg-parse", 2048, perplexity=False)
+    assert result.predictions[0]["prediction"] == "[Jane Austen, ~writer, Jane Austen," and lm.closed

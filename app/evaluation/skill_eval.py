@@ -293,6 +293,7 @@ def chainable(skill: Skill, parser: Skill | None) -> bool:
 def evaluate(skill: Skill, samples: list[Sample], lm, dataset: str, budget_tokens: int, turns: str = "last",
              perplexity: bool = True, progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Generate the skill's output for every sample and score it; response skills also get the gold's perplexity."""
+    from ..bot import parser_output
     from ..lm import Sampling
 
     g = skill.generation
@@ -306,8 +307,11 @@ def evaluate(skill: Skill, samples: list[Sample], lm, dataset: str, budget_token
     for done, sample in enumerate(samples, 1):
         prompt = skill.prompt(sample.fields, budget_tokens=budget_tokens, count_tokens=lm.count_tokens)
         shots = prompt.examples
-        text = "".join(lm.generate(prompt.text, stop=skill.stop, max_new_tokens=g.max_new_tokens, sampling=sampling,
-                                   prefix=prompt.prefix)).strip()
+        if skill.kind == "parser":  # the bot's own parser call: lookup decoding where asked, loops cut
+            text = parser_output(skill, lm, prompt)
+        else:
+            text = "".join(lm.generate(prompt.text, stop=skill.stop, max_new_tokens=g.max_new_tokens,
+                                       sampling=sampling, prefix=prompt.prefix)).strip()
         gold = sample.gold[key]
         preds.append(text)
         golds.append(gold)
