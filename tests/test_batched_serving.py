@@ -121,6 +121,45 @@ def test_a_reader_that_leaves_frees_its_row_and_the_others_finish(lm):
     assert left["tokens"] < 100  # it left the batch when its reader did, far from its 400 tokens
 
 
+EXIT_AFTER_LEAVING = """
+import torch
+from app.lm.base import Sampling
+from app.lm.batching import BatchedLM
+from app.lm.tiny import build_tiny_lm, default_corpus
+
+lm = BatchedLM(build_tiny_lm(default_corpus()))
+forward, big = lm.inner.runner.forward, torch.randn(1200, 1200)
+
+
+def slow(*args, **kwargs):  # a step that spends a while inside ATen, as a real model's does
+    for _ in range(30):
+        big @ big
+    return forward(*args, **kwargs)
+
+
+lm.inner.runner.forward = slow
+pieces = lm.generate("User: hi\\nAssistant:", max_new_tokens=200, sampling=Sampling(0.0))
+next(pieces)
+pieces.close()  # a parser cut at a loop, a client gone: the row is dropped at the next step
+print("left", flush=True)
+"""
+
+
+def test_a_process_that_ends_while_a_left_row_is_still_stepping_exits_cleanly():
+    """Without the exit hook that joins the scheduler, the interpreter was torn down under the running forward:
+    "terminate called without an active exception", exit status 134 (seen after `fsb eval skill dialkg-parse`)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", EXIT_AFTER_LEAVING], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "left"
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "terminate called" not in done.stderr
+
+
 def test_a_failing_row_fails_alone(lm):
     too_long = "boats and bread " * 3000  # past the tiny model's 4096-token context
     clients = [client(lm, too_long, max_new_tokens=5),

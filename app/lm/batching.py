@@ -27,10 +27,12 @@ Shapes: ids [B, 1]; positions [B, 1]; logits [B, V].
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import queue
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -43,6 +45,16 @@ log = logging.getLogger(__name__)
 
 _DONE = object()  # a request's last item: it finished
 _CLOSE = object()  # the scheduler's queue: stop
+_LIVE: "weakref.WeakSet[BatchScheduler]" = weakref.WeakSet()  # schedulers to stop before the interpreter goes
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop every scheduler at exit. A reader that left early (a parser cut at a loop, a client gone) leaves its row
+    to be dropped at the next step; a process that ended meanwhile would tear down the interpreter under a forward
+    still running on the scheduler thread ("terminate called without an active exception"). Closing joins it."""
+    for scheduler in list(_LIVE):
+        scheduler.close()
 
 
 @dataclass
@@ -106,6 +118,7 @@ class BatchScheduler:
         self._closed = False
         self.steps = 0  # batched forward passes run (for tests and benchmarks)
         self.max_rows_seen = 0
+        _LIVE.add(self)
 
     # ------------------------------------------------------------------------------------------ client side
     def submit(self, prompt: str, stop: Sequence[str] = (), max_new_tokens: int = 64, sampling: Sampling = Sampling(),
