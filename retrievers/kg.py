@@ -265,8 +265,8 @@ class KnowledgeGraph(LangChainRetrievable):
         """Triples matching the KG-path parser's output (see :func:`parse_paths`), best matches first.
 
         Each parsed ``[A, rel, B]`` scores the stored triples about A or B by how well subject, relation and object
-        agree (a triple stored the other way round scores a little lower); a parsed group with no known entity adds
-        nothing.
+        agree (a triple stored the other way round scores a little lower, one that only ends in A or B lower still);
+        a parsed group with no known entity adds nothing.
         """
         self._refresh_index()
         best: dict[int, tuple[float, dict]] = {}
@@ -281,7 +281,11 @@ class KnowledgeGraph(LangChainRetrievable):
                 rel_sim = _similarity(rk, relation_key(row["relation"]))
                 forward = s_match.get(row["subject_key"], 0) * (0.5 + 0.5 * o_match.get(row["object_key"], 0))
                 backward = 0.9 * o_match.get(row["subject_key"], 0) * (0.5 + 0.5 * s_match.get(row["object_key"], 0))
-                score = max(forward, backward) * (0.5 + 0.5 * rel_sim) if rk else max(forward, backward) * 0.5
+                # a named entity that is only the stored triple's object ("what else was Leonardo DiCaprio in?"
+                # against [Titanic, starred_actors, Leonardo DiCaprio]) still finds it, below the triples it heads
+                by_object = 0.5 * max(s_match.get(row["object_key"], 0), o_match.get(row["object_key"], 0))
+                best_match = max(forward, backward, by_object)
+                score = best_match * (0.5 + 0.5 * rel_sim) if rk else best_match * 0.5
                 if score > best.get(row["id"], (0.0,))[0]:
                     best[row["id"]] = (score, row)
         return self._passages(best.values(), k)

@@ -139,6 +139,15 @@ def test_lookup_paths_partial_and_unknown(kg):
     assert kg.lookup_paths("no brackets and nonsense") == []
 
 
+def test_lookup_paths_finds_an_entity_that_only_ends_triples(db):
+    graph = KnowledgeGraph(db)
+    graph.add([("Titanic", "starred_actors", "Leonardo DiCaprio"), ("The Revenant", "starred_actors", "Leonardo DiCaprio"),
+               ("Inception", "starred_actors", "Leonardo DiCaprio"), ("Inception", "directed_by", "Christopher Nolan")])
+    found = texts(graph.lookup_paths("[Leonardo DiCaprio, ~starred_actors, The Revenant]", k=5))
+    assert found[0] == "The Revenant starred actors Leonardo DiCaprio"  # the triple the path names comes first
+    assert set(found[1:]) == {"Titanic starred actors Leonardo DiCaprio", "Inception starred actors Leonardo DiCaprio"}
+
+
 def test_parse_paths_is_forgiving():
     assert parse_paths("") == []
     assert parse_paths("[A, r, B]\n\n[A, r, B] [C; s; D]") == [("A", "r", "B"), ("C", "s", "D")]
