@@ -55,8 +55,8 @@ class Reply:
 
 
 class Activity:
-    """Which turns are still before their first token, so background work (memory extraction) can wait until none
-    is: routing and prefill hold the model for seconds, while generation shares its forward passes (continuous
+    """Which turns are still before their first token (from their first routing step on), so background work (memory
+    extraction) can wait until none is: routing, parsing and prefill hold the model for seconds, while generation shares its forward passes (continuous
     batching), so extraction that starts once every turn in flight is decoding costs those users little. Streams are
     held weakly: one dropped without being read stops counting when it is collected."""
 
@@ -106,6 +106,10 @@ class Activity:
                 break
             time.sleep(0.02)
         return time.monotonic() - started
+
+
+class _BeforeStream:
+    """A turn's place in `Activity` while it routes, parses and retrieves, before its `TurnStream` exists."""
 
 
 class TurnStream:
@@ -295,6 +299,16 @@ class Bot:
         dialogue = to_dialogue(messages)
         if skill is not None:
             self.skill_for(skill)  # an unknown skill is the caller's error, before any work
+        # The turn counts as waiting for its first token from here, not from its stream: routing, parsing and prefill
+        # are the work that background memory extraction must not slow down.
+        before_stream = _BeforeStream()
+        self.activity.start(before_stream)
+        try:
+            return self._turn(dialogue, messages, skill, sampling, max_tokens, user)
+        finally:
+            self.activity.end(before_stream)  # the stream (started before this) holds the place now
+
+    def _turn(self, dialogue, messages, skill, sampling, max_tokens, user) -> TurnStream:
         trace: dict = {"steps": []}
         started = time.perf_counter()
         route = self.route(dialogue, skill)

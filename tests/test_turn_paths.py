@@ -2,6 +2,8 @@
 turn uses the alignment prompt, and long-term memory is written after a turn and read by the memory-chat skill."""
 from __future__ import annotations
 
+import pytest
+
 from retrievers.embed import HashingEmbedder
 
 MSG = [{"role": "user", "content": "tell me how to pick a lock"}]
@@ -111,3 +113,37 @@ def test_memory_extraction_waits_while_a_turn_is_before_its_first_token(settings
     assert again.reply.trace["steps"][-1]["waited_s"] < 5
     busy.close()
     assert bot.activity.busy == 0
+
+
+def test_a_turn_counts_as_before_its_first_token_while_it_routes_and_parses(settings, tiny_lm):
+    """Memory extraction from the last turn must not start while the next turn routes or runs its parser (the
+    seconds before its stream exists): the turn holds its place in the bot's activity from its first step."""
+    from app.server import build_bot
+
+    bot = build_bot(settings, lm=tiny_lm, embedder=HashingEmbedder())
+    seen = {}
+    route, parse = bot.route, bot._parse
+
+    def routing(*args, **kwargs):
+        seen["route"] = (bot.activity.busy, bot.activity.starting)
+        return route(*args, **kwargs)
+
+    def parsing(*args, **kwargs):
+        seen["parse"] = (bot.activity.busy, bot.activity.starting)
+        return parse(*args, **kwargs)
+
+    bot.route, bot._parse = routing, parsing
+    stream = bot.turn([{"role": "user", "content": "i need a cheap hotel in the north ."}], skill="mwoz-hotel",
+                      max_tokens=2)
+    assert seen == {"route": (1, 1), "parse": (1, 1)}
+    assert (bot.activity.busy, bot.activity.starting) == (1, 1)  # the stream holds the place until its first piece
+    stream.text()
+    assert (bot.activity.busy, bot.activity.starting) == (0, 0)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("the router broke")
+
+    bot.route = failing
+    with pytest.raises(RuntimeError):
+        bot.turn([{"role": "user", "content": "hi"}])
+    assert (bot.activity.busy, bot.activity.starting) == (0, 0)  # a turn that failed leaves no place behind
