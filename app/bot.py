@@ -232,7 +232,8 @@ class Bot:
         self._pending_lock = threading.Lock()
         # ... once no turn in flight is still before its first token (see `Activity`).
         self.activity = Activity()
-        self._urgent: dict[str, threading.Event] = {}  # user -> set when a turn waits for that user's memory
+        # Every queued job in order, (user, event): the event is set when a turn needs that job done now
+        self._queued: list[tuple[str, threading.Event]] = []
 
     @property
     def selector(self):
@@ -401,26 +402,30 @@ class Bot:
     # --------------------------------------------------------------------------------------------- memory
     def _remember_later(self, user: str, dialogue, reply: Reply) -> None:
         """Queue fact extraction for after the reply; its step joins the turn's trace (and the stored one)."""
-        urgent = threading.Event()
+        entry = (user, threading.Event())
 
         def job():
-            waited = self.activity.wait_quiet(urgent)  # turns waiting for their first token go first
-            self._remember(user, dialogue, reply.trace, waited)
-            if reply.message_id is not None and self.store is not None:
-                self.store.set_trace(reply.message_id, reply.trace)
+            try:
+                waited = self.activity.wait_quiet(entry[1])  # turns waiting for their first token go first
+                self._remember(user, dialogue, reply.trace, waited)
+                if reply.message_id is not None and self.store is not None:
+                    self.store.set_trace(reply.message_id, reply.trace)
+            finally:
+                with self._pending_lock:
+                    self._queued.remove(entry)
 
         with self._pending_lock:
-            self._urgent[user] = urgent
+            self._queued.append(entry)
             self._pending[user] = self._background.submit(_logged(job))
 
     def wait_for_memory(self, user: str | None = None, timeout: float = 30.0) -> None:
         """Wait until queued memory extraction (for ``user``, or everyone) is done; it starts at once, without
-        waiting for a quiet moment."""
+        waiting for a quiet moment, and so do the jobs queued before it (one worker runs them in order)."""
         with self._pending_lock:
             jobs = list(self._pending.values()) if user is None else [self._pending.get(user)]
-            for event in (self._urgent.values() if user is None else [self._urgent.get(user)]):
-                if event is not None:
-                    event.set()
+            last = max((i for i, (u, _) in enumerate(self._queued) if user is None or u == user), default=-1)
+            for _, event in self._queued[:last + 1]:
+                event.set()
         for job in jobs:
             if job is not None:
                 try:

@@ -147,3 +147,24 @@ def test_a_turn_counts_as_before_its_first_token_while_it_routes_and_parses(sett
     with pytest.raises(RuntimeError):
         bot.turn([{"role": "user", "content": "hi"}])
     assert (bot.activity.busy, bot.activity.starting) == (0, 0)  # a turn that failed leaves no place behind
+
+
+def test_a_turn_that_reads_memory_gets_the_jobs_queued_before_its_users_done_too(settings, tiny_lm):
+    """One worker runs memory jobs in order: a turn that needs Lee's facts now must not wait behind Dana's job, or
+    behind Lee's own earlier one, while they wait for a quiet moment (a turn before its first token holds it off)."""
+    import time
+
+    from app.server import build_bot
+
+    lm = ScriptedFacts(tiny_lm, "I have a cat.", "User Facts:")
+    bot = build_bot(settings.replace(memory=True), lm=lm, embedder=HashingEmbedder())
+    bot.activity.limit_s = 60.0
+    busy = bot.turn([{"role": "user", "content": "hello there"}], skill="persona", max_tokens=3)  # not started
+    for user, text in (("dana", "my cat is called Tom"), ("lee", "I keep a cat too."), ("lee", "I like cats.")):
+        bot.turn([{"role": "user", "content": text}], skill="persona", max_tokens=2, user=user).text()
+    started = time.monotonic()
+    bot.wait_for_memory("lee", timeout=20)
+    assert time.monotonic() - started < 15
+    assert [f.text for f in bot.knowledge.memory.list("lee")] == ["I have a cat."]  # the same fact, kept once
+    assert [f.text for f in bot.knowledge.memory.list("dana")] == ["I have a cat."]  # ran first, as queued
+    busy.close()
