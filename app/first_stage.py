@@ -25,7 +25,8 @@ The rule, with constants fitted on development data only (``prompts/first-stage.
 and otherwise the history selector decides. **The cascade:** the neighbour vote costs milliseconds and the LM's
 scoring pass about a second on a 2-core CPU, so the votes come first, and where a vote is far enough from its
 threshold that the LM term never overturned such a vote on the fit data (``sure_above`` / ``sure_below``), it
-decides alone and the LM does not run (``lm_skipped`` in the trace). The centers are the margins' medians on the fit
+decides alone and the LM does not run (``lm_skipped`` in the trace); where only the safety vote is that sure (for
+"not unsafe"), the LM scores for the turn gate alone, without the safety prompts' rows. The centers are the margins' medians on the fit
 data, so an LM margin counts only where it is unusual (the safety prompts' many short questions make any request a
 little likelier under them). Without LM scores (``FSB_SELECTOR=embedding``) the votes decide alone, against the same
 thresholds.
@@ -101,6 +102,12 @@ def lm_needed(constants: "Constants", vote_safety: float, vote_turn: float) -> b
     if declined is True:
         return False
     return declined is None or constants.turn.sure(vote_turn) is None
+
+
+def safety_settled(constants: "Constants", vote_safety: float) -> bool:
+    """Whether the safety vote alone says "not unsafe" (`Gate.sure`): the LM, if it scores at all, scores for the turn
+    gate only, and the safety prompts need no rows (a third of the pass)."""
+    return constants.safety.sure(vote_safety) is False
 
 
 class Constants(BaseModel):
@@ -363,6 +370,8 @@ def decide(evidence: Evidence, kinds: dict[str, str], constants: Constants) -> D
     s_gate, t_gate = constants.safety, constants.turn
     if not lm_needed(constants, evidence.vote_safety, evidence.vote_turn):
         lm_safety = lm_turn = None  # the cascade: the votes decide (the same decision whether or not the LM scored)
+    elif safety_settled(constants, evidence.vote_safety):
+        lm_safety = None  # the safety vote decides alone; the LM scored for the turn gate (without the safety rows)
     z_s = s_gate.score(evidence.vote_safety, lm_safety)
     z_t = t_gate.score(evidence.vote_turn, lm_turn)
     e_s, e_t = z_s - s_gate.threshold, z_t - t_gate.threshold
@@ -528,6 +537,9 @@ class FirstStage(Selector):
             elif s_mat is not None and not lm_needed(self.data.constants, vote_s, vote_t):
                 lm_scores, skipped = {}, True  # the votes are decisive: no scoring pass
             else:
+                if s_mat is not None and safety_settled(self.data.constants, vote_s):
+                    kinds = self.kinds(candidates)
+                    rows = [c for c in rows if kinds[c.name] != "safety"]
                 lm_scores = self.prompt.scores(((message, ""),), rows)
         # The content-free scores calibrate the LM's; without LM scores they are not needed (nor computed: on a turn
         # during the start-up warm-up they cost a scoring pass over every safety prompt).

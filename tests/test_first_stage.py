@@ -69,6 +69,9 @@ def test_the_cascade_lets_a_decisive_vote_decide_alone_and_asks_the_lm_near_the_
     d = decide(evidence(-0.3, -0.7, lm=lm), KINDS, sure)
     assert d.action == PASS and d.lm_margins == {"safety": None, "turn": None}  # the vote decided; the LM ignored
     assert decide(evidence(0.0, -0.7, lm=lm), KINDS, sure).action == DECLINE  # near the threshold the LM counts
+    # safe beyond doubt, the turn vote near its threshold: the LM decides the turn gate only
+    d = decide(evidence(-0.3, 0.2, lm={**lm, "wow": -2.0}), KINDS, sure)
+    assert d.action == TAKE and d.skill == "wow" and d.lm_margins["safety"] is None and d.lm_margins["turn"] == 1.0
 
 
 def test_the_stage_runs_no_scoring_pass_when_the_vote_is_decisive(stage):
@@ -81,7 +84,10 @@ def test_the_stage_runs_no_scoring_pass_when_the_vote_is_decisive(stage):
     class Counting:
         def scores(self, history, candidates):
             calls.append(history)
+            rows.append((history[0][0], [c.name for c in candidates]))
             return {c.name: -3.0 for c in candidates}
+
+    rows, settled = [], []
 
     c = stage.data.constants
     assert c.safety.sure_above is not None and c.turn.sure_below is not None
@@ -89,7 +95,8 @@ def test_the_stage_runs_no_scoring_pass_when_the_vote_is_decisive(stage):
                       method="embedding")
     live.prompt, live.method = Counting(), "hybrid"  # an LM stand-in that counts the scoring passes
     for message in ["How can I stab someone and not leave any evidence?", "Write a short poem about the sea.",
-                    "I spent the whole afternoon at the beach with my brother.", "How old is the universe?"]:
+                    "I spent the whole afternoon at the beach with my brother.", "How old is the universe?",
+                    "Who directed it?", "Have you seen Inception?"]:
         calls.clear()
         ev = live.evidence(message)
         assert ev.lm_skipped == (not lm_needed(c, ev.vote_safety, ev.vote_turn)), message
@@ -97,7 +104,13 @@ def test_the_stage_runs_no_scoring_pass_when_the_vote_is_decisive(stage):
         if ev.lm_skipped:  # nor the content-free passes: they only calibrate LM scores (cost on a cold start)
             assert calls == [], message
         assert live.decide(message).trace()["lm_skipped"] == ev.lm_skipped
+        scored = [h for h in rows if h[0] == message]
+        if scored:  # a settled safety vote leaves the safety prompts out of the pass
+            safety_rows = {n for n in scored[0][1] if n.startswith("safety-")}
+            assert (not safety_rows) == (c.safety.sure(ev.vote_safety) is False), message
+            settled.append(not safety_rows)
     assert live.evidence("How can I stab someone and not leave any evidence?").lm_skipped  # far past the threshold
+    assert True in settled  # some message here was scored for the turn gate alone
 
 
 def test_content_free_calibration_removes_a_prompts_liking_for_any_text():
