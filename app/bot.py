@@ -56,9 +56,10 @@ class Reply:
 
 class Activity:
     """Which turns are still before their first token (from their first routing step on), so background work (memory
-    extraction) can wait until none is: routing, parsing and prefill hold the model for seconds, while generation shares its forward passes (continuous
-    batching), so extraction that starts once every turn in flight is decoding costs those users little. Streams are
-    held weakly: one dropped without being read stops counting when it is collected."""
+    extraction) can wait until none is: routing, parsing and prefill hold the model for seconds, while generation
+    shares its forward passes (continuous batching), so extraction that starts once every turn in flight is decoding
+    costs those users little. Streams are held weakly: one dropped without being read stops counting when it is
+    collected."""
 
     def __init__(self, settle_s: float = 0.2, limit_s: float = 10.0):
         self.settle_s, self.limit_s = settle_s, limit_s
@@ -106,6 +107,15 @@ class Activity:
                 break
             time.sleep(0.02)
         return time.monotonic() - started
+
+
+@dataclass(eq=False)
+class _MemoryJob:
+    """A queued memory extraction: whose, the event that lets it skip waiting for a quiet moment, its future."""
+
+    user: str
+    urgent: threading.Event = field(default_factory=threading.Event)
+    future: Future | None = None
 
 
 class _BeforeStream:
@@ -228,12 +238,10 @@ class Bot:
         self.messages = messages or {}
         # Memory extraction runs after a reply is out, one job at a time, in this thread.
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsb-memory")
-        self._pending: dict[str, Future] = {}  # user -> that user's latest memory job
-        self._pending_lock = threading.Lock()
         # ... once no turn in flight is still before its first token (see `Activity`).
         self.activity = Activity()
-        # Every queued job in order, (user, event): the event is set when a turn needs that job done now
-        self._queued: list[tuple[str, threading.Event]] = []
+        self._queued: list[_MemoryJob] = []  # jobs not finished yet, in the worker's order
+        self._pending_lock = threading.Lock()  # guards _queued
 
     @property
     def selector(self):
@@ -402,11 +410,11 @@ class Bot:
     # --------------------------------------------------------------------------------------------- memory
     def _remember_later(self, user: str, dialogue, reply: Reply) -> None:
         """Queue fact extraction for after the reply; its step joins the turn's trace (and the stored one)."""
-        entry = (user, threading.Event())
+        entry = _MemoryJob(user)
 
         def job():
             try:
-                waited = self.activity.wait_quiet(entry[1])  # turns waiting for their first token go first
+                waited = self.activity.wait_quiet(entry.urgent)  # turns waiting for their first token go first
                 self._remember(user, dialogue, reply.trace, waited)
                 if reply.message_id is not None and self.store is not None:
                     self.store.set_trace(reply.message_id, reply.trace)
@@ -414,24 +422,23 @@ class Bot:
                 with self._pending_lock:
                     self._queued.remove(entry)
 
-        with self._pending_lock:
+        with self._pending_lock:  # the job's own removal waits for this, so it never misses its entry
+            entry.future = self._background.submit(_logged(job))
             self._queued.append(entry)
-            self._pending[user] = self._background.submit(_logged(job))
 
     def wait_for_memory(self, user: str | None = None, timeout: float = 30.0) -> None:
         """Wait until queued memory extraction (for ``user``, or everyone) is done; it starts at once, without
         waiting for a quiet moment, and so do the jobs queued before it (one worker runs them in order)."""
         with self._pending_lock:
-            jobs = list(self._pending.values()) if user is None else [self._pending.get(user)]
-            last = max((i for i, (u, _) in enumerate(self._queued) if user is None or u == user), default=-1)
-            for _, event in self._queued[:last + 1]:
-                event.set()
-        for job in jobs:
-            if job is not None:
-                try:
-                    job.result(timeout=timeout)
-                except Exception:  # noqa: BLE001 - logged by the job itself; a read goes on without it
-                    pass
+            last = max((i for i, j in enumerate(self._queued) if user is None or j.user == user), default=-1)
+            ahead = self._queued[:last + 1]
+            for j in ahead:
+                j.urgent.set()
+        if ahead:  # one worker runs the jobs in order: when the last of them is done, so are the others
+            try:
+                ahead[-1].future.result(timeout=timeout)
+            except Exception:  # noqa: BLE001 - logged by the job itself (or timed out); a read goes on without it
+                pass
 
     def close(self) -> None:
         self._background.shutdown(wait=True)

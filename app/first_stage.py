@@ -26,10 +26,10 @@ and otherwise the history selector decides. **The cascade:** the neighbour vote 
 scoring pass about a second on a 2-core CPU, so the votes come first, and where a vote is far enough from its
 threshold that the LM term never overturned such a vote on the fit data (``sure_above`` / ``sure_below``), it
 decides alone and the LM does not run (``lm_skipped`` in the trace); where only the safety vote is that sure (for
-"not unsafe"), the LM scores for the turn gate alone, without the safety prompts' rows. The centers are the margins' medians on the fit
-data, so an LM margin counts only where it is unusual (the safety prompts' many short questions make any request a
-little likelier under them). Without LM scores (``FSB_SELECTOR=embedding``) the votes decide alone, against the same
-thresholds.
+"not unsafe"), the LM scores for the turn gate alone, without the safety prompts' rows. The centers are the margins'
+medians on the fit data, so an LM margin counts only where it is unusual (the safety prompts' many short questions
+make any request a little likelier under them). Without LM scores (``FSB_SELECTOR=embedding``) the votes decide
+alone, against the same thresholds.
 
 The declining skill is the safety skill whose own examples are nearest the message (the mean similarity of its three
 nearest); the taking skill is the turn-level skill whose request examples are nearest. Without an embedder, the LM's
