@@ -369,6 +369,15 @@ def breakdown(result: dict) -> dict | None:
     return steps
 
 
+def per_turn(result: dict) -> dict:
+    """One turn of the typed phase as it goes into the JSON: what was said, where it went, its times and steps."""
+    steps = breakdown(result) if result["ok"] else None
+    return {"type": result["type"], "message": result["message"], "skill": result.get("skill"), "ok": result["ok"],
+            "error": result.get("error"), "ttft_s": result.get("ttft"), "turn_s": result.get("turn"),
+            "tokens": tokens_of(result)[0] if result["ok"] else None,
+            "steps": {k: round(v, 3) for k, v in steps.items() if v is not None} if steps else None}
+
+
 # ------------------------------------------------------------------------------------------------- phases
 def play_types(url: str, server, conversations: list[dict], types: set[str] | None, repeat: int,
                max_tokens: int) -> list[dict]:
@@ -686,6 +695,7 @@ def main(argv: list[str] | None = None) -> None:
         "sweep_desc": (f"{args.sweep_seconds:g} s per client" if args.sweep_seconds
                        else f"{args.sweep_turns} turns per client"),
         "notes": notes,
+        "per_turn": [per_turn(r) for r in results],
     }
     for s in sweeps:
         res[f"tokens_per_s_{s['clients']}"] = s["tokens_per_s"]

@@ -40,5 +40,9 @@ def test_turn_benchmark_prints_one_json_object_with_positive_numbers(tmp_path):
     assert res["by_type"]["web"]["skills"] == {"wit": res["by_type"]["web"]["ok"]}  # the trigger routes them
     assert res["by_type"]["web"]["steps"]["retrieve"] > 0
     assert "the stand-in search engine got no request" not in res["notes"]
+    # every typed turn is listed with its message, route and steps (to find the slow ones after a run)
+    assert len(res["per_turn"]) == res["turns"]
+    assert {t["type"] for t in res["per_turn"]} == set(res["by_type"])
+    assert all(t["message"] and t["skill"] and t["ttft_s"] > 0 and t["steps"]["first"] > 0 for t in res["per_turn"])
     assert [s["clients"] for s in res["sweep"]] == [1, 2]
     assert all(s["turns"] == 2 * s["clients"] and s["tokens"] > 0 for s in res["sweep"])
