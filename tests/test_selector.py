@@ -292,3 +292,28 @@ def test_selector_shots_deepens_the_history_selectors_prompts_only(tmp_path, lm)
                for d in history["wow"].examples[:5])
     with pytest.raises(ValueError, match="FSB_SELECTOR_SHOTS must be a whole number"):
         Settings.load(env={"FSB_SELECTOR_SHOTS": "many"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cap, with_bias", [(None, False), (3.0, True)])
+def test_token_logprobs_in_chunks_equal_log_softmax(monkeypatch, dtype, cap, with_bias):
+    """The output layer in chunks through the reused buffers: the same numbers as one plain log_softmax, on every
+    chunk (7 positions, 3 at a time: a short last chunk), twice (the second call reuses the buffers)."""
+    from app.lm import hf
+
+    monkeypatch.setattr(hf, "_SCORE_LOGITS_BUDGET", 3)
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.randn(7, 8, generator=gen).to(dtype)
+    weight = torch.randn(50, 8, generator=gen).to(dtype)
+    bias = torch.randn(50, generator=gen).to(dtype) if with_bias else None
+    targets = torch.randint(0, 50, (7,), generator=gen)
+    logits = torch.nn.functional.linear(flat.float(), weight.float(), None if bias is None else bias.float())
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    want = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    holder = type("LM", (), {})()
+    for _ in range(2):
+        got = hf._token_logprobs(holder, flat, targets, weight, bias, cap)
+        # bfloat16 products round each logit to 8 bits of mantissa (a few hundredths here)
+        assert got.tolist() == pytest.approx(want.tolist(), abs=1e-4 if dtype == torch.float32 else 0.1)
+    assert holder._score_bufs[0].shape == (3, 50)
