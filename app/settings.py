@@ -96,6 +96,9 @@ class Settings:
     context_tokens: int = 2048  # prompt budget: examples + knowledge + history + reply
     history_turns: int = 8
     prefix_cache_entries: int = 128  # every skill's, parser's and selector's prompt head stays cached (~1-2 GB)
+    # Memory (MB) for conversation checkpoints: a prompt's KV up to its last two lines, from which the next turn of the
+    # same conversation prefills only what is new (`app.lm.decoding.ModelRunner.prefill`); 0 = none kept.
+    checkpoint_mb: int = 512
     batching: bool = True  # concurrent turns share the model's forward passes (continuous batching)
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     api_key: str = ""

@@ -284,3 +284,71 @@ def test_a_bfloat16_decoder_runs_the_decode_steps_and_nothing_else(tiny_lm):
         batched.close()
         runner.use_decoder(None)
         del tiny_lm.model.forward
+
+
+# ------------------------------------------------------------------------------------ conversation checkpoints
+def chat_prompt(turns):
+    """A chat prompt after PREFIX: every earlier exchange, then the open turn (the last user message and the cue)."""
+    lines = ["Persona Information:", "I like tea.", "Dialogue:"]
+    for user, bot in turns[:-1]:
+        lines += [f"User: {user}", f"Assistant: {bot}"]
+    return PREFIX + "\n".join(lines + [f"User: {turns[-1][0]}", "Assistant:"])
+
+
+def test_the_next_turn_prefills_only_what_is_new_and_gets_the_same_logits():
+    """Turn after turn of one conversation: each prefill starts from the previous turn's checkpoint (the prompt up
+    to its last two lines), feeds only the tokens after it, and gives the logits of a plain prefill of the whole
+    prompt. A prompt that differs before the history (other persona) does not use the checkpoint."""
+    from app.lm.tiny import build_tiny_lm, default_corpus
+
+    lm = build_tiny_lm(default_corpus(), checkpoint_mb=64)
+    fed = []
+    forward = lm.runner.forward
+    lm.runner.forward = lambda ids, *a, **kw: (fed.append(ids.shape[1]), forward(ids, *a, **kw))[1]
+    turns = [["hi there", "hello, I like tea."], ["what do you like?", "tea and boats."],
+             ["do you like bread?", "yes, fresh bread."], ["and space?", ""]]
+    for n in range(1, len(turns) + 1):
+        prompt = chat_prompt(turns[:n])
+        ids, prefix_len = lm.encode(prompt, PREFIX)
+        fed.clear()
+        _, logits = lm.runner.prefill(ids, prefix_len)
+        with torch.inference_mode():
+            want = lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        assert torch.allclose(logits.float(), want.float(), atol=1e-4), n
+        last_two = len(lm.tok("User: " + turns[n - 1][0] + "\nAssistant:", add_special_tokens=False).input_ids)
+        if n > 1:  # from the previous checkpoint: the last exchange, then the open turn
+            exchange = len(lm.tok(f"User: {turns[n - 2][0]}\nAssistant: {turns[n - 2][1]}\n",
+                                  add_special_tokens=False).input_ids)
+            assert fed == [exchange, last_two], n
+    assert lm.prefix_cache.checkpoint_hits == 3
+    # Another persona: the history is the same, the text before it is not; only the constant prefix is reused.
+    other = chat_prompt(turns).replace("I like tea.\nDialogue", "I like coffee.\nDialogue")
+    ids, prefix_len = lm.encode(other, PREFIX)
+    fed.clear()
+    _, logits = lm.runner.prefill(ids, prefix_len)
+    assert sum(fed) == len(ids) - prefix_len
+    with torch.inference_mode():
+        assert torch.allclose(logits.float(), lm.model(input_ids=torch.tensor([ids])).logits[0, -1].float(), atol=1e-4)
+
+
+def test_checkpoints_are_bounded_by_bytes_and_off_at_zero():
+    from app.lm.prefix_cache import CachedPrefix, cache_bytes
+    from app.lm.tiny import build_tiny_lm, default_corpus
+
+    lm = build_tiny_lm(default_corpus(), checkpoint_mb=1)
+    ids, prefix_len = lm.encode(chat_prompt([["hi there", "hello"], ["and you?", ""]]), PREFIX)
+    cache, _ = lm.runner.prefill(ids, prefix_len)
+    size = cache_bytes(cache)
+    pool = PrefixCache(capacity=0, checkpoint_bytes=2 * size + 1)
+    for i in range(3):
+        pool.put_checkpoint(CachedPrefix((i, 1, 2), cache, torch.zeros(1)))
+    assert pool.checkpoint_held == 2 * size  # the oldest went
+    assert pool.longest_checkpoint((0, 1, 2, 3)) is None and pool.longest_checkpoint((2, 1, 2, 3)).ids == (2, 1, 2)
+    assert pool.longest_checkpoint((2, 1, 2), longer_than=3) is None
+
+    off = build_tiny_lm(default_corpus())  # checkpoint_mb=0: a prefill stores nothing and feeds the rest at once
+    fed = []
+    forward = off.runner.forward
+    off.runner.forward = lambda ids, *a, **kw: (fed.append(ids.shape[1]), forward(ids, *a, **kw))[1]
+    off.runner.prefill(ids, prefix_len)
+    assert fed[-1] == len(ids) - prefix_len and off.prefix_cache.checkpoint_held == 0

@@ -55,8 +55,8 @@ def load_lm(settings, progress=None) -> LM:
     if name == "tiny":
         from .tiny import build_tiny_lm, default_corpus
 
-        lm = build_tiny_lm(default_corpus(),
-                           prefix_cache_entries=settings.prefix_cache_entries)
+        lm = build_tiny_lm(default_corpus(), prefix_cache_entries=settings.prefix_cache_entries,
+                           checkpoint_mb=settings.checkpoint_mb)
     else:
         from .hf import TransformersLM
 
@@ -67,7 +67,8 @@ def load_lm(settings, progress=None) -> LM:
             path = str(ensure_checkpoint(settings.models_dir, progress=progress))
             tokenizer = load_tokenizer(path)
         lm = TransformersLM.from_pretrained(path, device=settings.device, dtype=settings.dtype,
-                                            prefix_cache_entries=settings.prefix_cache_entries, tokenizer=tokenizer)
+                                            prefix_cache_entries=settings.prefix_cache_entries, tokenizer=tokenizer,
+                                            checkpoint_mb=settings.checkpoint_mb)
         lm.name = name
         if lm.device.type == "cuda":
             from .fast import enable_fast_path

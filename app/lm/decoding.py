@@ -11,12 +11,16 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .base import Sampling, StopScanner
-from .prefix_cache import CachedPrefix, PrefixCache
+from .prefix_cache import CachedPrefix, PrefixCache, compact, fork_cache
+
+# A conversation checkpoint is kept only when it saves the next turn at least this many tokens of prefill (each one
+# costs a separate forward call now and up to ~10 MB of keys and values while it is kept).
+CHECKPOINT_MIN_TOKENS = 16
 
 
 class ModelRunner:
@@ -39,6 +43,8 @@ class ModelRunner:
         # Decode steps of at most this many tokens (rows x length) run on ATen's own kernels instead of oneDNN's
         # (`native_kernel_tokens`): timed now, at load, not during the first reply.
         self.native_tokens = native_kernel_tokens(model)
+        # Whether a token id holds a line break (set by the backend that owns the tokenizer); None: no checkpoints.
+        self.line_break: Callable[[int], bool] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -88,15 +94,44 @@ class ModelRunner:
         return entry
 
     def prefill(self, ids: list[int], prefix_len: int):
-        """A private KV cache after ``ids`` (batch 1) and the last position's logits [V], reusing a cached prefix."""
-        if prefix_len and self.prefix_cache.capacity > 0:
-            entry = self.cached_prefix(tuple(ids[:prefix_len]))
-            if prefix_len == len(ids):
-                return entry.fork(), entry.last_logits
-            cache, logits = self.forward(torch.tensor([ids[prefix_len:]]), entry.fork())
-            return cache, logits[0, -1]
-        cache, logits = self.forward(torch.tensor([ids]))
-        return cache, logits[0, -1]
+        """A private KV cache after ``ids`` (batch 1) and the last position's logits [V], reusing what is cached.
+
+        It starts from the longest conversation checkpoint that ``ids`` begin with (the previous turn's prompt up to its
+        last lines), else from the cached prefix ``ids[:prefix_len]``. On the way it stores a new checkpoint where
+        ``ids`` start their last two lines (`checkpoint_at`): the next turn of the same conversation repeats that text
+        and prefills only what follows it. A checkpoint is found by its token ids alone, so one that the next prompt
+        does not repeat exactly (other knowledge, a shorter history window) is simply never used.
+        """
+        start = None
+        if self.prefix_cache.checkpoint_bytes > 0:
+            start = self.prefix_cache.longest_checkpoint(ids, longer_than=prefix_len)
+        if start is None and prefix_len and self.prefix_cache.capacity > 0:
+            start = self.cached_prefix(tuple(ids[:prefix_len]))
+        done = len(start.ids) if start is not None else 0
+        cache = start.fork() if start is not None else None
+        logits = start.last_logits if start is not None else None
+        cut = self.checkpoint_at(ids, done)
+        if cut is not None:
+            cache, out = self.forward(torch.tensor([ids[done:cut]]), cache)
+            logits, done = out[0, -1], cut
+            self.prefix_cache.put_checkpoint(CachedPrefix(tuple(ids[:cut]), compact(fork_cache(cache)), logits))
+        if done < len(ids):
+            cache, out = self.forward(torch.tensor([ids[done:]]), cache)
+            logits = out[0, -1]
+        return cache, logits
+
+    def checkpoint_at(self, ids: Sequence[int], done: int) -> int | None:
+        """Where to keep a conversation checkpoint in ``ids`` (already encoded up to ``done``): just after the line
+        break that starts the last two lines, which in a chat prompt are the user's new message and the reply's cue
+        ("User: …" / "Assistant:"), in a parser's the message and the output's cue. None when checkpoints are off, the
+        backend does not say which tokens break lines, or the new stretch is shorter than `CHECKPOINT_MIN_TOKENS`."""
+        if self.prefix_cache.checkpoint_bytes <= 0 or self.line_break is None:
+            return None
+        breaks = [j for j in range(done, len(ids)) if self.line_break(ids[j])]
+        if len(breaks) < 2:
+            return None
+        cut = breaks[-2] + 1
+        return cut if cut - done >= CHECKPOINT_MIN_TOKENS else None
 
 
 # ------------------------------------------------------------------------------------------ kernel choice

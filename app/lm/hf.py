@@ -52,17 +52,22 @@ class TransformersLM:
         tokenizer: its tokenizer.
         name: a display name (the model id or path).
         prefix_cache_entries: size of the prefix KV cache LRU (0 disables reuse).
+        checkpoint_mb: memory for conversation checkpoints, the KV of recent prompts up to their last two lines that
+            the next turn of a conversation starts from (`ModelRunner.prefill`); 0 keeps none.
     Example:
         >>> lm = TransformersLM.from_pretrained("EleutherAI/gpt-j-6b", device="cuda")
         >>> "".join(lm.generate("User: hi\\nAssistant:", stop=["\\n"]))
     """
 
-    def __init__(self, model, tokenizer, name: str = "model", prefix_cache_entries: int = 32):
+    def __init__(self, model, tokenizer, name: str = "model", prefix_cache_entries: int = 32,
+                 checkpoint_mb: int = 0):
         self.model = model.eval()
         self.tok = tokenizer
         self.name = name
-        self.prefix_cache = PrefixCache(prefix_cache_entries)
+        self.prefix_cache = PrefixCache(prefix_cache_entries, checkpoint_bytes=checkpoint_mb * 2**20)
         self.runner = ModelRunner(self.model, self.prefix_cache)  # the forward lock and prefill every loop shares
+        self._line_breaks: dict[int, bool] = {}
+        self.runner.line_break = self.line_break
         self.fast = None  # an attached single-stream fast path (`fast.FastPath`), set by `load_lm` on CUDA
         cfg = model.config
         self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
@@ -77,7 +82,7 @@ class TransformersLM:
     @classmethod
     def from_pretrained(
         cls, name_or_path: str, device: str = "auto", dtype: str = "auto", prefix_cache_entries: int = 32,
-        tokenizer=None, **kw
+        tokenizer=None, checkpoint_mb: int = 0, **kw
     ) -> "TransformersLM":
         """Load a model id or local folder; ``device="auto"`` spreads it over GPUs with accelerate when there are any."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -90,7 +95,8 @@ class TransformersLM:
                                                          device_map="auto" if device == "auto" else device, **kw)
         else:  # no device_map on CPU: accelerate's dispatch costs seconds there and buys nothing
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kw)
-        lm = cls(model, tokenizer, name=str(name_or_path), prefix_cache_entries=prefix_cache_entries)
+        lm = cls(model, tokenizer, name=str(name_or_path), prefix_cache_entries=prefix_cache_entries,
+                 checkpoint_mb=checkpoint_mb)
         if dtype == "auto" and not cuda and torch_dtype == torch.float32:
             # float32 for prefill and scoring on a CPU without fast bfloat16 products; decode steps in bfloat16 where
             # that is measurably faster here (`decoding.bfloat16_decoder`)
@@ -102,6 +108,13 @@ class TransformersLM:
         return self.runner.device
 
     # ------------------------------------------------------------------------------------------ tokenising
+    def line_break(self, token_id: int) -> bool:
+        """Whether the token's text holds a line break (remembered per id)."""
+        known = self._line_breaks.get(token_id)
+        if known is None:
+            known = self._line_breaks[token_id] = "\n" in self.tok.decode([token_id])
+        return known
+
     def count_tokens(self, text: str) -> int:
         return len(self.tok(text, add_special_tokens=False).input_ids)
 

@@ -55,7 +55,8 @@ def corpus_from(paths: Iterable[Path]) -> list[str]:
     return texts or ["hello world"]
 
 
-def build_tiny_lm(corpus: Iterable[str], seed: int = 0, sliding_window: int = 16, prefix_cache_entries: int = 128):
+def build_tiny_lm(corpus: Iterable[str], seed: int = 0, sliding_window: int = 16, prefix_cache_entries: int = 128,
+                  checkpoint_mb: int = 0):
     """A `TransformersLM` over a 4-layer Gemma-3 with random weights (about 100k parameters)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -82,4 +83,5 @@ def build_tiny_lm(corpus: Iterable[str], seed: int = 0, sliding_window: int = 16
     # Random weights put EOS anywhere; a zero (tied) embedding row gives it logit 0, so generations have length.
     with torch.no_grad():
         model.get_output_embeddings().weight[tokenizer.eos_token_id].zero_()
-    return TransformersLM(model, tokenizer, name="tiny", prefix_cache_entries=prefix_cache_entries)
+    return TransformersLM(model, tokenizer, name="tiny", prefix_cache_entries=prefix_cache_entries,
+                          checkpoint_mb=checkpoint_mb)
