@@ -192,7 +192,7 @@ def build_router(settings, skills: SkillRegistry, lm, embedder) -> Router:
         selector = Selector(registry_source(skills), lm=lm, embedder=embedder, layout=layout,
                             method=settings.selector, fallback=settings.fallback_skill or None,
                             sure_margin=settings.selector_sure_margin, shots=settings.selector_shots,
-                            shortlist=settings.selector_shortlist)
+                            shortlist=settings.selector_shortlist, checkpoints=True)
         if settings.safety:
             first = load_first_stage(settings, skills, lm, embedder, layout, settings.selector)
     return Router(skills, selector=selector, first_stage=first, default_skill=settings.default_skill,

@@ -200,9 +200,10 @@ class PromptScorer:
     within ~0.01-0.02 nats of the exact ones; ``"auto"`` turns it on where bf16 is fast (`fast_bf16`).
     """
 
-    def __init__(self, lm, layout: SelectorLayout, low_precision: bool | str = "auto"):
+    def __init__(self, lm, layout: SelectorLayout, low_precision: bool | str = "auto", checkpoints: bool = False):
         self.lm, self.layout = lm, layout
         self.low_precision = fast_bf16() if low_precision == "auto" else bool(low_precision)
+        self.checkpoints = checkpoints  # score a history from the checkpoint of its previous turn (`score_prefixes`)
 
     def prefix(self, c: Candidate) -> str:
         return self.layout.prefix(c.examples[: c.shots])
@@ -217,7 +218,8 @@ class PromptScorer:
         text = self.layout.history(history)
         prefixes = [self.prefix(c) for c in candidates]
         if hasattr(self.lm, "score_prefixes"):
-            logps = self.lm.score_prefixes(prefixes, text, low_precision=self.low_precision)
+            more = {"checkpoint": True} if self.checkpoints else {}
+            logps = self.lm.score_prefixes(prefixes, text, low_precision=self.low_precision, **more)
         else:  # any LM backend: one scoring call per skill
             logps = [self.lm.score(p, [text], prefix=p)[0] for p in prefixes]
         n = max(1, self.lm.count_tokens(text))
@@ -306,6 +308,9 @@ class Selector:
             0: the LM always scores the shortlist.
         shots: the prompt method's example dialogues per skill, at least (more where a skill's ``selector_shots``
             says so, never more than it has); None or 0: each candidate's own count.
+        checkpoints: keep each scored history in the LM's conversation checkpoints, so that the next turn's history
+            (the same lines and a few new ones) is scored from there (`TransformersLM.score_prefixes`). For a selector
+            that scores growing dialogue histories; the scores are the same up to rounding.
     Raises:
         SelectorError: from `select`, for an unknown forced skill or when no skill is selectable.
     Example:
@@ -318,7 +323,7 @@ class Selector:
                  layout: SelectorLayout | None = None, method: str = "best", history_turns: int = 5,
                  shortlist: int = 3, weight: float = 1.0, fallback: str | None = None, min_margin: float = 0.0,
                  embedding_top: int = 3, low_precision: bool | str = "auto", sure_margin: float | None = None,
-                 shots: int | None = None):
+                 shots: int | None = None, checkpoints: bool = False):
         method = BEST_METHOD if method == "best" else method
         if method not in METHODS:
             raise SelectorError(f"unknown selector method {method!r}; use one of: {', '.join(METHODS)}, best")
@@ -330,7 +335,8 @@ class Selector:
         self.history_turns, self.shortlist, self.weight = history_turns, shortlist, weight
         self.fallback, self.min_margin = fallback, min_margin
         self.sure_margin = sure_margin or None
-        self.prompt = PromptScorer(lm, layout, low_precision) if lm is not None and layout is not None else None
+        self.prompt = (PromptScorer(lm, layout, low_precision, checkpoints) if lm is not None and layout is not None
+                       else None)
         self.embedding = EmbeddingScorer(embedder, history_turns, embedding_top) if embedder is not None else None
 
     def warm(self) -> None:

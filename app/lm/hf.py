@@ -295,7 +295,8 @@ class TransformersLM:
     # type. Left pads keep every row's real tokens contiguous with its continuation, so distances in cache slots equal
     # distances in positions and Gemma's sliding-window layers (which count slots) see exactly what they would see
     # unbatched; sliding layers keep only their last ``window - 1`` slots, so their padded length is computed per type.
-    def score_prefixes(self, prefixes: Sequence[str], continuation: str, low_precision: bool = False) -> list[float]:
+    def score_prefixes(self, prefixes: Sequence[str], continuation: str, low_precision: bool = False,
+                       checkpoint: bool = False) -> list[float]:
         """log P(continuation | prefix_i) for every prefix, in one batched pass over the prefixes' cached KV.
 
         Each prefix is encoded with the BOS token and kept in the prefix cache; the continuation is encoded once without
@@ -307,6 +308,10 @@ class TransformersLM:
             low_precision: run the batched pass's matrix products in bfloat16 (a cached bf16 copy of the output
                 layer): about 2-3x faster on CPUs with AMX and on GPUs, scores within a few hundredths of a nat.
                 The default is exact (equal to scoring each prefix + continuation in one plain forward pass).
+            checkpoint: keep each row's KV and score in the conversation checkpoints, and start from the longest
+                checkpoint the row's text begins with: a dialogue history scored again one turn later (the same lines
+                and a few new ones) costs only its new tokens. Rows that start from different points are scored in
+                one pass per starting point.
         Returns:
             one summed log-probability per prefix, in order.
         Raises:
@@ -320,21 +325,72 @@ class TransformersLM:
         try:
             entries = [self.runner.cached_prefix(tuple(self.tok(p, add_special_tokens=True).input_ids))
                        for p in prefixes]
-            # The first continuation token is predicted by each prefix's stored last logits: no forward needed.
-            first = torch.stack([e.last_logits.float() for e in entries]).log_softmax(-1)[:, cont[0]].cpu()
-            if len(cont) == 1:
-                return first.tolist()
-            rest = _score_stacked(self, entries, cont, low_precision)
-            return (first + rest).tolist()
+            keep = checkpoint and self.prefix_cache.checkpoint_bytes > 0 and len(cont) > 1
+            out = [0.0] * len(entries)
+            groups: dict[int, list[tuple[int, CachedPrefix, float]]] = {}  # tokens already scored -> rows
+            for i, e in enumerate(entries):
+                hit = self._scored_checkpoint(e, cont) if keep else None
+                if hit is None:
+                    groups.setdefault(0, []).append((i, e, 0.0))
+                elif hit.scored[0] == len(cont):
+                    out[i] = hit.scored[1]
+                else:
+                    groups.setdefault(hit.scored[0], []).append((i, hit, hit.scored[1]))
+            for done, rows in groups.items():
+                starts = [e for _, e, _ in rows]
+                if done == 0:
+                    # The first token is predicted by each prefix's stored last logits: no forward needed.
+                    known = torch.stack([e.last_logits.float() for e in starts]).log_softmax(-1)[:, cont[0]].cpu()
+                    fed = cont
+                else:
+                    known, fed = torch.tensor([lp for _, _, lp in rows]), cont[done - 1 :]
+                if len(fed) == 1:
+                    sums = known
+                else:
+                    rest, cache = _score_stacked(self, starts, fed, low_precision)
+                    sums = known + rest
+                    if keep:
+                        self._keep_scored(starts, cache, fed, cont, sums)
+                for (i, _, _), v in zip(rows, sums.tolist()):
+                    out[i] = v
+            return out
         except LMError:
             raise
         except Exception as exc:
             log.exception("scoring failed")
             raise LMError(f"the model failed while scoring: {exc}") from exc
 
+    def _scored_checkpoint(self, prefix: CachedPrefix, cont: list[int]) -> CachedPrefix | None:
+        """The longest scoring checkpoint for ``prefix`` + ``cont``: its ids start them and it scored the same first
+        tokens of ``cont``. None if there is none (or the longest match is another kind of checkpoint)."""
+        hit = self.prefix_cache.longest_checkpoint(prefix.ids + tuple(cont), longer_than=len(prefix.ids))
+        if hit is None or hit.scored is None or len(hit.ids) - len(prefix.ids) + 1 != hit.scored[0]:
+            return None
+        n, _, last = hit.scored
+        return hit if n <= len(cont) and cont[n - 1] == last else None
 
-def _score_stacked(lm: "TransformersLM", entries: list[CachedPrefix], cont: list[int], low_precision: bool) -> torch.Tensor:
-    """Sum of log P(cont[1:]) per row, feeding cont[:-1] after each entry's stacked, left-padded cache. Returns [B]."""
+    def _keep_scored(self, starts: list[CachedPrefix], cache, fed: list[int], cont: list[int],
+                     sums: torch.Tensor) -> None:
+        """Store each row of a stacked scoring pass as a checkpoint of its own (its real slots, no padding)."""
+        L = len(fed) - 1
+        for row, start in enumerate(starts):
+            own = fork_cache(start.cache)
+            for layer, stacked, before in zip(own.layers, cache.layers, start.cache.layers):
+                n = min(stacked.keys.shape[-2], before.keys.shape[-2] + L)  # this row's real slots after the pass
+                layer.keys = stacked.keys[row : row + 1, :, -n:, :].clone()
+                layer.values = stacked.values[row : row + 1, :, -n:, :].clone()
+                if hasattr(layer, "cumulative_length"):
+                    layer.cumulative_length = len(start.ids) + L
+            ids = start.ids + tuple(fed[:-1])
+            self.prefix_cache.put_checkpoint(
+                CachedPrefix(ids, own, None, scored=(len(cont), float(sums[row]), cont[-1])))
+
+
+def _score_stacked(lm: "TransformersLM", entries: list[CachedPrefix], cont: list[int], low_precision: bool):
+    """Sum of log P(cont[1:]) per row, feeding cont[:-1] after each entry's stacked, left-padded cache.
+
+    Returns the sums [B] and the stacked cache after the pass (rows left-padded to the longest)."""
+
     model, cfg = lm.model, lm.model.config
     impl = getattr(cfg, "_attn_implementation", "eager")
     if impl not in ("sdpa", "eager"):
@@ -383,7 +439,7 @@ def _score_stacked(lm: "TransformersLM", entries: list[CachedPrefix], cont: list
                                      cache=cache, use_cache=True).last_hidden_state  # [B, L, H]
         flat, targets = hidden.reshape(B * L, -1).to(weight.dtype), torch.tensor(cont[1:] * B, device=lm.device)
         out = _token_logprobs(lm, flat, targets, weight, bias, cap)
-    return out.view(B, L).sum(1)
+    return out.view(B, L).sum(1), cache
 
 
 def _token_logprobs(lm, flat: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias, cap) -> torch.Tensor:

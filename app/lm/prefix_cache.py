@@ -25,7 +25,11 @@ import torch
 class CachedPrefix:
     ids: tuple[int, ...]
     cache: object  # transformers.DynamicCache, batch size 1
-    last_logits: torch.Tensor  # [vocab]
+    last_logits: torch.Tensor | None  # [vocab]; None for a scoring checkpoint
+    # A scoring checkpoint (`TransformersLM.score_prefixes`): (n, the summed log-probability of the scored text's
+    # first n tokens, its n-th token). ``ids`` end one token short of those n: the pass that scored them fed all but
+    # the last. None for a prefix or a prefill checkpoint.
+    scored: tuple[int, float, int] | None = None
 
     def fork(self, batch: int = 1):
         """A private cache positioned after the prefix, for ``batch`` rows."""
