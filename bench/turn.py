@@ -33,6 +33,10 @@ What it does:
    each) for ``--sweep-turns`` turns (or ``--sweep-seconds``); aggregate generated tokens/s (``usage`` in the stream
    if the server sends it, else the stored trace's token count, else the number of content chunks), TTFT p50/p95.
 
+4. The same work one after another: one client plays the turns that the largest sweep's clients played together
+   (``--same-work``); the sweep's tokens/s over this one's is what concurrency gains on equal work, where the ratio
+   to the one-client sweep also compares different conversations.
+
 Against ``--url`` there is no way to create an empty session over the API, so the turns go stateless (the whole
 history in ``messages``) and the step breakdown is empty unless the stream carries the trace itself. Progress goes
 to stderr; ``--json`` prints one JSON object on stdout. Not a test (tests/test_bench_turn.py runs a tiny version).
@@ -456,6 +460,36 @@ def sweep(url: str, server, conversations: list[dict], clients: int, turns: int,
     return out
 
 
+def same_work_serially(url: str, server, conversations: list[dict], clients: int, turns: int,
+                       max_tokens: int) -> dict:
+    """The turns that ``clients`` concurrent sweep clients play (client n: conversation n on, ``turns`` turns), played
+    by one client one after another: the concurrent sweep's tokens/s over this one's is what concurrency gains on the
+    same work (the one-client sweep plays only the first conversation, whose replies are short)."""
+    player = Conversation(httpx.Client(timeout=600), url, server, max_tokens, f"{USER}-serial{clients}")
+    started = time.perf_counter()
+    results = []
+    for n in range(clients):
+        k, played = n, 0
+        while played < turns:
+            player.start()
+            for turn in conversations[k % len(conversations)]["turns"]:
+                if played >= turns:
+                    break
+                results.append(player.play(turn))
+                played += 1
+            k += 1
+    wall = time.perf_counter() - started
+    player.attach_traces()
+    player.client.close()
+    ok = [r for r in results if r["ok"]]
+    tokens = sum(tokens_of(r)[0] for r in ok)
+    out = {"clients": clients, "turns": len(results), "ok": len(ok), "wall_s": wall, "tokens": tokens,
+           "tokens_per_s": tokens / wall if wall > 0 else None}
+    say(f"[turn] the {clients} clients' turns one after another: {len(ok)}/{len(results)} turns in {wall:.1f} s, "
+        f"{out['tokens_per_s'] or 0:.2f} tok/s")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- reports
 def summarise(results: list[dict], order: list[str]) -> dict:
     by_type: dict = {}
@@ -582,6 +616,14 @@ def print_table(res: dict, out) -> None:
         for s in res["sweep"]:
             sources.update(s["tokens_from"])
         p(f"(generated tokens counted from: {dict(sources)})")
+        same = res.get("same_work")
+        if same:
+            conc = next((s for s in res["sweep"] if s["clients"] == same["clients"]), None)
+            gain = (conc["tokens_per_s"] / same["tokens_per_s"]
+                    if conc and conc["tokens_per_s"] and same["tokens_per_s"] else None)
+            p(f"the same {same['turns']} turns as the {same['clients']}-client sweep, one client after another: "
+              f"{same['wall_s']:.1f} s, {fmt(same['tokens_per_s'], 0).strip()} tok/s; concurrency gain on the same "
+              f"work {fmt(gain, 0).strip()}x")
     if res.get("notes"):
         p("")
         for note in res["notes"]:
@@ -609,6 +651,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sweep-turns", type=int, default=4, help="turns each sweep client plays (default 4)")
     ap.add_argument("--sweep-seconds", type=float, default=None,
                     help="instead of --sweep-turns: each sweep client plays for this many seconds")
+    ap.add_argument("--same-work", type=int, default=None,
+                    help="after the sweep, one client plays the turns of this many sweep clients one after another "
+                         "(default: the largest client count; 0 to skip; not with --sweep-seconds)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the one unmeasured warm-up turn")
     ap.add_argument("--warm", choices=["now", "background", "off"], default="now",
                     help="the in-process server's prompt-cache warming at start, where build_app has it (default "
@@ -634,7 +679,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout = sys.stderr
     server = None
     startup_s = None
-    results, sweeps, typed_s = [], [], 0.0
+    results, sweeps, typed_s, same_work = [], [], 0.0, None
     notes = list(args.note)
     try:
         if args.url:
@@ -668,6 +713,10 @@ def main(argv: list[str] | None = None) -> None:
             say(f"[turn] sweep: {n} clients …")
             sweeps.append(sweep(url, server, conversations, n, args.sweep_turns, args.sweep_seconds,
                                 args.max_tokens))
+        same_n = max(clients, default=0) if args.same_work is None else args.same_work
+        if same_n > 0 and not args.sweep_seconds:
+            say(f"[turn] the {same_n} clients' turns, one client after another …")
+            same_work = same_work_serially(url, server, conversations, same_n, args.sweep_turns, args.max_tokens)
         if server is not None and server.search.requests == 0 and any(r["type"] == "web" for r in results):
             notes.append("the stand-in search engine got no request")
     finally:
@@ -696,11 +745,14 @@ def main(argv: list[str] | None = None) -> None:
                        else f"{args.sweep_turns} turns per client"),
         "notes": notes,
         "per_turn": [per_turn(r) for r in results],
+        "same_work": same_work,
     }
     for s in sweeps:
         res[f"tokens_per_s_{s['clients']}"] = s["tokens_per_s"]
         res[f"ttft_p50_s_{s['clients']}"] = s["ttft_p50_s"]
         res[f"ttft_p95_s_{s['clients']}"] = s["ttft_p95_s"]
+    if same_work and same_work["tokens_per_s"]:
+        res[f"tokens_per_s_{same_work['clients']}_serial"] = same_work["tokens_per_s"]
     if args.save_json:
         Path(args.save_json).write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
     if args.json:

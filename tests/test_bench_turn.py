@@ -44,5 +44,8 @@ def test_turn_benchmark_prints_one_json_object_with_positive_numbers(tmp_path):
     assert len(res["per_turn"]) == res["turns"]
     assert {t["type"] for t in res["per_turn"]} == set(res["by_type"])
     assert all(t["message"] and t["skill"] and t["ttft_s"] > 0 and t["steps"]["first"] > 0 for t in res["per_turn"])
+    # the 2 clients' turns again, one after another (same conversations, same count)
+    assert res["same_work"]["clients"] == 2 and res["same_work"]["turns"] == res["same_work"]["ok"] == 4
+    assert res["tokens_per_s_2_serial"] > 0
     assert [s["clients"] for s in res["sweep"]] == [1, 2]
     assert all(s["turns"] == 2 * s["clients"] and s["tokens"] > 0 for s in res["sweep"])
