@@ -319,8 +319,18 @@ def test_the_next_turn_prefills_only_what_is_new_and_gets_the_same_logits():
         if n > 1:  # from the previous checkpoint: the last exchange, then the open turn
             exchange = len(lm.tok(f"User: {turns[n - 2][0]}\nAssistant: {turns[n - 2][1]}\n",
                                   add_special_tokens=False).input_ids)
-            assert fed == [exchange, last_two], n
+            assert fed == [exchange + last_two], n  # one forward; the checkpoint is cut back from its cache
     assert lm.prefix_cache.checkpoint_hits == 3
+    # a prompt that is exactly a checkpoint: its stored logits, no forward, and a cache that goes on correctly
+    ids = list(lm.prefix_cache.longest_checkpoint(ids).ids)
+    fed.clear()
+    cache, logits = lm.runner.prefill(ids, prefix_len)
+    assert fed == []
+    _, after = lm.runner.forward(torch.tensor([[ids[-1]]]), cache, positions=torch.tensor([[len(ids)]]))
+    with torch.inference_mode():
+        want = lm.model(input_ids=torch.tensor([ids + ids[-1:]])).logits[0]
+    assert torch.allclose(logits.float(), want[-2].float(), atol=1e-4)
+    assert torch.allclose(after[0, -1].float(), want[-1].float(), atol=1e-4)
     # Another persona: the history is the same, the text before it is not; only the constant prefix is reused.
     other = chat_prompt(turns).replace("I like tea.\nDialogue", "I like coffee.\nDialogue")
     ids, prefix_len = lm.encode(other, PREFIX)

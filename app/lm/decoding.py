@@ -111,7 +111,18 @@ class ModelRunner:
         cache = start.fork() if start is not None else None
         logits = start.last_logits if start is not None else None
         cut = self.checkpoint_at(ids, done)
-        if cut is not None:
+        if cut is not None and cut < len(ids) and _can_record(cache):
+            # One forward over the rest; the checkpoint is the cache cut back to ``cut`` (sliding-window layers record
+            # their whole past for the pass, so the window that ends at ``cut`` is still there to keep).
+            for layer in cache.layers:
+                if getattr(layer, "is_sliding", False):
+                    layer.activate_past_recording()
+            keep = torch.tensor([cut - done - 1, len(ids) - done - 1])
+            cache, out = self.forward(torch.tensor([ids[done:]]), cache, keep=keep)
+            checkpoint = _cut_back(cache, len(ids) - cut, cut)
+            self.prefix_cache.put_checkpoint(CachedPrefix(tuple(ids[:cut]), checkpoint, out[0, 0]))
+            return cache, out[0, -1]
+        if cut is not None:  # no cache to start from (or layers that cannot record): two forwards
             cache, out = self.forward(torch.tensor([ids[done:cut]]), cache)
             logits, done = out[0, -1], cut
             self.prefix_cache.put_checkpoint(CachedPrefix(tuple(ids[:cut]), compact(fork_cache(cache)), logits))
@@ -132,6 +143,29 @@ class ModelRunner:
             return None
         cut = breaks[-2] + 1
         return cut if cut - done >= CHECKPOINT_MIN_TOKENS else None
+
+
+def _can_record(cache) -> bool:
+    """Whether every sliding-window layer of ``cache`` can keep its whole past for one pass (`_cut_back` needs it)."""
+    return cache is not None and all(hasattr(layer, "activate_past_recording") for layer in cache.layers
+                                     if getattr(layer, "is_sliding", False))
+
+
+def _cut_back(cache, drop: int, length: int):
+    """A stored copy of ``cache`` without its last ``drop`` positions (``length`` positions then), and ``cache`` itself
+    back to normal: its sliding-window layers recorded their whole past for the pass (`_can_record`); both keep only
+    their window (the last ``sliding_window - 1`` slots) from here on."""
+    kept = fork_cache(cache)
+    for mine, live in zip(kept.layers, cache.layers):
+        keys, values = live.keys[:, :, : live.keys.shape[-2] - drop], live.values[:, :, : live.values.shape[-2] - drop]
+        if getattr(live, "is_sliding", False):
+            window = live.sliding_window - 1
+            keys, values = keys[:, :, -window:], values[:, :, -window:]
+            mine.cumulative_length, mine.record_past = length, False
+            live.keys, live.values = live.keys[:, :, -window:], live.values[:, :, -window:]
+            live.record_past = False
+        mine.keys, mine.values = keys.clone(), values.clone()
+    return kept
 
 
 # ------------------------------------------------------------------------------------------ kernel choice
