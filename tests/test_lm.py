@@ -355,6 +355,10 @@ def test_checkpoints_are_bounded_by_bytes_and_off_at_zero():
     assert pool.checkpoint_held == 2 * size  # the oldest went
     assert pool.longest_checkpoint((0, 1, 2, 3)) is None and pool.longest_checkpoint((2, 1, 2, 3)).ids == (2, 1, 2)
     assert pool.longest_checkpoint((2, 1, 2), longer_than=3) is None
+    # the two kinds never stand in for each other: a scoring checkpoint has no logits and may hold bfloat16 KV
+    pool.put_checkpoint(CachedPrefix((2, 1, 2, 3), cache, None, scored=(2, -1.0, 3)))
+    assert pool.longest_checkpoint((2, 1, 2, 3, 4)).ids == (2, 1, 2)
+    assert pool.longest_checkpoint((2, 1, 2, 3, 4), scoring=True).ids == (2, 1, 2, 3)
 
     off = build_tiny_lm(default_corpus())  # checkpoint_mb=0: a prefill stores nothing and feeds the rest at once
     fed = []

@@ -363,8 +363,9 @@ class TransformersLM:
     def _scored_checkpoint(self, prefix: CachedPrefix, cont: list[int]) -> CachedPrefix | None:
         """The longest scoring checkpoint for ``prefix`` + ``cont``: its ids start them and it scored the same first
         tokens of ``cont``. None if there is none (or the longest match is another kind of checkpoint)."""
-        hit = self.prefix_cache.longest_checkpoint(prefix.ids + tuple(cont), longer_than=len(prefix.ids))
-        if hit is None or hit.scored is None or len(hit.ids) - len(prefix.ids) + 1 != hit.scored[0]:
+        hit = self.prefix_cache.longest_checkpoint(prefix.ids + tuple(cont), longer_than=len(prefix.ids),
+                                                   scoring=True)
+        if hit is None or len(hit.ids) - len(prefix.ids) + 1 != hit.scored[0]:
             return None
         n, _, last = hit.scored
         return hit if n <= len(cont) and cont[n - 1] == last else None

@@ -122,8 +122,12 @@ class PrefixCache:
                 _, (_, dropped) = self._checkpoints.popitem(last=False)
                 self._checkpoint_held -= dropped
 
-    def longest_checkpoint(self, ids: Sequence[int], longer_than: int = 0) -> CachedPrefix | None:
-        """The longest checkpoint whose ids start ``ids`` (and are longer than ``longer_than`` tokens), or None."""
+    def longest_checkpoint(self, ids: Sequence[int], longer_than: int = 0,
+                           scoring: bool = False) -> CachedPrefix | None:
+        """The longest checkpoint whose ids start ``ids`` (and are longer than ``longer_than`` tokens), or None.
+
+        ``scoring`` picks the kind: scoring checkpoints (`CachedPrefix.scored`; their KV may come from a bfloat16
+        scoring pass and they keep no logits) or prefill ones; a caller never gets the other kind."""
         if not self._checkpoints:
             return None
         ids = tuple(ids)
@@ -131,7 +135,8 @@ class PrefixCache:
             best = None
             for key, (entry, _) in self._checkpoints.items():
                 n = len(key)
-                if longer_than < n <= len(ids) and (best is None or n > len(best.ids)) and ids[:n] == key:
+                if (longer_than < n <= len(ids) and (best is None or n > len(best.ids))
+                        and (entry.scored is not None) == scoring and ids[:n] == key):
                     best = entry
             if best is None:
                 self.checkpoint_misses += 1
