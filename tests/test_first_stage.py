@@ -368,3 +368,39 @@ def test_a_turn_during_the_warm_up_takes_the_warm_ups_pools_instead_of_embedding
         t.join()
     assert Slow.calls == 2  # the safety pool and the turn pool, once
     assert all(g is got[0] for g in got)
+
+
+def test_a_long_paste_is_scored_by_its_head_and_tail_and_voted_on_whole(stage):
+    """A scoring pass costs rows x tokens: the LM rows see at most `SCORED_WORDS` of the last message (its first and
+    last words); shorter messages are scored as they are; the neighbour vote still embeds the whole message."""
+    from app.first_stage import SCORED_WORDS, scored_part
+
+    head, tail = SCORED_WORDS
+    text = " ".join(f"w{i}" for i in range(200))
+    assert scored_part(text) == " ".join(f"w{i}" for i in range(head)) + " … " + " ".join(
+        f"w{i}" for i in range(200 - tail, 200))
+    short = "  Keep   my spacing, " + " ".join(["word"] * (head + tail - 3))
+    assert scored_part(short) == short
+
+    seen = []
+
+    class Recording:
+        def scores(self, history, candidates):
+            seen.append(history[0][0])
+            return {c.name: -3.0 for c in candidates}
+
+    live = FirstStage(stage.source, data=stage.data, kind_of=stage.kind_of, embedder=stage.embedding.embedder,
+                      method="embedding")
+    live.prompt, live.method = Recording(), "hybrid"
+    paste = ("Can you summarize this for me? " + "The old bicycle had no pedals and riders pushed with their feet. " * 30
+             + "Thanks, and keep it short please.")
+    import dataclasses
+
+    live.data = dataclasses.replace(live.data, constants=live.data.constants.model_copy(update={
+        g: getattr(live.data.constants, g).model_copy(update={"sure_above": None, "sure_below": None})
+        for g in ("safety", "turn")}))  # the cascade off: the LM is always asked
+    ev = live.evidence(paste)
+    assert not ev.lm_skipped
+    scored = [h for h in seen if h not in live.data.content_free]
+    assert scored == [scored_part(paste)] and len(scored[0].split()) == head + tail + 1
+    assert scored[0].startswith("Can you summarize this for me?") and scored[0].endswith("keep it short please.")
