@@ -56,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from retrievers.embed import encode_examples
 
-from .selector import Candidate, Selector, turn_level
+from .selector import Candidate, Selector, clip_words, turn_level
 from .skills import FileProblem
 
 log = logging.getLogger(__name__)
@@ -102,21 +102,6 @@ def lm_needed(constants: "Constants", vote_safety: float, vote_turn: float) -> b
     if declined is True:
         return False
     return declined is None or constants.turn.sure(vote_turn) is None
-
-
-# The LM scores at most this many words of the last message: its head and its tail (a pasted text's request is
-# usually at one end). A scoring pass costs rows x tokens, so a 350-token paste took 5 s to route; the neighbour vote
-# and the safety triggers still read the whole message. No message of the development sets is this long.
-SCORED_WORDS = (40, 20)
-
-
-def scored_part(message: str) -> str:
-    """``message`` itself, or its first and last words (`SCORED_WORDS`) around an ellipsis when it is longer."""
-    words = message.split()
-    head, tail = SCORED_WORDS
-    if len(words) <= head + tail:
-        return message
-    return " ".join(words[:head]) + " … " + " ".join(words[-tail:])
 
 
 def safety_settled(constants: "Constants", vote_safety: float) -> bool:
@@ -555,7 +540,8 @@ class FirstStage(Selector):
                 if s_mat is not None and safety_settled(self.data.constants, vote_s):
                     kinds = self.kinds(candidates)
                     rows = [c for c in rows if kinds[c.name] != "safety"]
-                lm_scores = self.prompt.scores(((scored_part(message), ""),), rows)
+                # at most the head and tail of a long paste (rows x tokens); the vote above read all of it
+                lm_scores = self.prompt.scores(((clip_words(message), ""),), rows)
         # The content-free scores calibrate the LM's; without LM scores they are not needed (nor computed: on a turn
         # during the start-up warm-up they cost a scoring pass over every safety prompt).
         cf = self.content_free(candidates) if lm_scores else {}

@@ -113,6 +113,22 @@ def _jinja() -> jinja2.Environment:
     return _env
 
 
+# A scored utterance counts at most this many words: its first and its last ones (a pasted text's request is usually
+# at one end). A scoring pass costs rows x tokens; 2 of selector-dev's 978 history lines and none of align dev's
+# instructions are longer.
+SCORED_WORDS = (40, 20)
+
+
+def clip_words(text: str) -> str:
+    """``text`` itself, or its first and last words (`SCORED_WORDS`) around an ellipsis when it is longer. Clipping a
+    clipped text changes nothing."""
+    words = text.split()
+    head, tail = SCORED_WORDS
+    if len(words) <= head + tail:
+        return text
+    return " ".join(words[:head]) + " … " + " ".join(words[-tail:])
+
+
 # --------------------------------------------------------------------------------------------- value objects
 @dataclass(frozen=True)
 class Candidate:
@@ -215,7 +231,8 @@ class PromptScorer:
                 self.lm.score_prefixes([self.prefix(c)], self.layout.header)
 
     def scores(self, history: Dialogue, candidates: Sequence[Candidate]) -> dict[str, float]:
-        text = self.layout.history(history)
+        # a pass costs rows x tokens: a pasted text counts by its head and tail (`clip_words`), as in the first stage
+        text = self.layout.history([[clip_words(u) for u in turn] for turn in history])
         prefixes = [self.prefix(c) for c in candidates]
         if hasattr(self.lm, "score_prefixes"):
             more = {"checkpoint": True} if self.checkpoints else {}

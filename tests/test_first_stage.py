@@ -372,15 +372,15 @@ def test_a_turn_during_the_warm_up_takes_the_warm_ups_pools_instead_of_embedding
 
 def test_a_long_paste_is_scored_by_its_head_and_tail_and_voted_on_whole(stage):
     """A scoring pass costs rows x tokens: the LM rows see at most `SCORED_WORDS` of the last message (its first and
-    last words); shorter messages are scored as they are; the neighbour vote still embeds the whole message."""
-    from app.first_stage import SCORED_WORDS, scored_part
+    last words); shorter messages are scored as they are; clipping twice changes nothing."""
+    from app.selector import SCORED_WORDS, clip_words as scored_part
 
     head, tail = SCORED_WORDS
     text = " ".join(f"w{i}" for i in range(200))
     assert scored_part(text) == " ".join(f"w{i}" for i in range(head)) + " … " + " ".join(
         f"w{i}" for i in range(200 - tail, 200))
     short = "  Keep   my spacing, " + " ".join(["word"] * (head + tail - 3))
-    assert scored_part(short) == short
+    assert scored_part(short) == short and scored_part(scored_part(text)) == scored_part(text)
 
     seen = []
 

@@ -160,6 +160,25 @@ def test_prompt_selection_matches_direct_scores(lm, tmp_path):
     assert got.method == "prompt" and not got.forced and got.latency_s > 0
 
 
+def test_a_long_utterance_in_the_history_is_scored_by_its_head_and_tail(lm, tmp_path):
+    """Each utterance of the scored history counts at most `SCORED_WORDS` words (a pasted text costs rows x tokens),
+    and the selection's scores are those of the clipped history."""
+    from app.selector import SCORED_WORDS, clip_words
+
+    d = skills_dir(tmp_path)
+    (d / "taxi.yaml").write_text(TAXI)
+    sel = Selector(registry_source(SkillRegistry(d)), lm=lm, layout=LAYOUT, method="prompt", low_precision=False)
+    paste = "please summarize : " + " ".join(["the red car waits at the station ."] * 20) + " thanks !"
+    history = [["hello", "hi ! " * 50], [paste, ""]]
+    clipped = [["hello", clip_words("hi ! " * 50)], [clip_words(paste), ""]]
+    assert len(clipped[1][0].split()) == sum(SCORED_WORDS) + 1 and clipped[1][0].endswith("station . thanks !")
+    got = sel.select(history)
+    text = LAYOUT.history(clipped)
+    n = lm.count_tokens(text)
+    want = {c.name: direct_logprob(lm, sel.prompt.prefix(c), text) / n for c in sel.source()}
+    assert got.scores == pytest.approx(want, rel=1e-5, abs=1e-4)
+
+
 def test_new_skill_file_is_selectable_without_restart(lm, tmp_path):
     d = skills_dir(tmp_path)
     registry = SkillRegistry(d)
