@@ -19,7 +19,7 @@ from .base import Sampling, StopScanner
 from .prefix_cache import CachedPrefix, PrefixCache, compact, fork_cache
 
 # A conversation checkpoint is kept only when it saves the next turn at least this many tokens of prefill (each one
-# costs a separate forward call now and up to ~10 MB of keys and values while it is kept).
+# costs a copy of the cache now and up to ~10 MB of keys and values while it is kept).
 CHECKPOINT_MIN_TOKENS = 16
 
 

@@ -466,7 +466,7 @@ def _token_logprobs(lm, flat: torch.Tensor, targets: torch.Tensor, weight: torch
         n = h.shape[0]
         torch.mm(h, weight.t(), out=raw[:n])
         logits = wide[:n]
-        if logits is not raw[:n]:
+        if wide is not raw:  # bfloat16 products, normalised in float32 (a float32 model's logits are already there)
             logits.copy_(raw[:n])
         if bias is not None:
             logits.add_(bias.float())
