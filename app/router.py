@@ -13,7 +13,8 @@ The stages, in order (the first that decides wins):
    a turn-level winner (an aligned skill such as the general assistant, or a knowledge skill) takes it, because the
    history must not outvote a one-off instruction or a question about something new. Any other winner falls through.
 5. **The history selector** (the paper's prompt-based classifier and its faster siblings, `app.selector`) picks among
-   the response skills from the recent dialogue.
+   the response skills from the recent dialogue. When its winner belongs to a family (one task split by domain: the
+   booking skills), the last message alone may hand the turn to the sibling it clearly asks for (the family vote).
 6. **The default skill**, when no selector is configured.
 
 `Route` records the outcome (skill, method, scores, why) for the turn trace.
@@ -129,7 +130,11 @@ class Router:
             return Route(winner, method, why, scores=first["scores"], first_stage=first)
         if self.selector is not None:
             selection = self.selector.select(dialogue)
-            return Route(self.skill(selection.skill), selection.method, "the history selector chose it",
+            why = "the history selector chose it"
+            if getattr(selection, "moved_from", None):
+                why = (f"the history selector chose {selection.moved_from}; the last message asks for its sibling "
+                       f"{selection.skill} (the family vote)")
+            return Route(self.skill(selection.skill), selection.method, why,
                          scores=dict(selection.scores), first_stage=first, selection=selection.trace())
         return Route(self.skill(None), "default", "no selector is configured", first_stage=first)
 
@@ -192,7 +197,8 @@ def build_router(settings, skills: SkillRegistry, lm, embedder) -> Router:
         selector = Selector(registry_source(skills), lm=lm, embedder=embedder, layout=layout,
                             method=settings.selector, fallback=settings.fallback_skill or None,
                             sure_margin=settings.selector_sure_margin, shots=settings.selector_shots,
-                            shortlist=settings.selector_shortlist, checkpoints=True)
+                            shortlist=settings.selector_shortlist, checkpoints=True,
+                            family_margin=settings.selector_family_margin)
         if settings.safety:
             first = load_first_stage(settings, skills, lm, embedder, layout, settings.selector)
     return Router(skills, selector=selector, first_stage=first, default_skill=settings.default_skill,

@@ -138,6 +138,7 @@ class Candidate:
     examples: tuple[Dialogue, ...]
     shots: int = 2
     label: str = ""  # the dataset label (``dataset:`` in the skill file), for evaluation
+    family: str = ""  # skills of one family are one task split by domain (``family:`` in the skill file)
 
     @property
     def key(self) -> str:
@@ -160,6 +161,7 @@ class Selection:
     fallback: bool = False  # the fallback skill answered because no score was confident
     details: dict[str, dict[str, float]] = field(default_factory=dict)  # e.g. hybrid's embedding scores
     decided_by: str | None = None  # "embedding" when the hybrid's cascade skipped the LM
+    moved_from: str | None = None  # the family vote handed the turn from this skill to a sibling (`FamilyVote`)
 
     def trace(self) -> dict:
         out = {"skill": self.skill, "method": self.method, "scores": {k: round(v, 4) for k, v in self.scores.items()},
@@ -167,6 +169,9 @@ class Selection:
                "forced": self.forced, "fallback": self.fallback, "latency_s": round(self.latency_s, 4)}
         if self.decided_by:
             out["decided_by"] = self.decided_by
+        if "family" in self.details:
+            out["family"] = {"scores": {k: round(v, 4) for k, v in self.details["family"].items()},
+                             "moved_from": self.moved_from}
         return out
 
 
@@ -182,7 +187,7 @@ def candidates_from_skills(skills: Iterable, selector_examples: bool = True) -> 
         extra = s.selector_examples if selector_examples else []
         dialogues = tuple(to_dialogue(e["dialogue"]) for e in [*s.examples, *extra] if e.get("dialogue"))
         if dialogues and s.selector_shots > 0:  # selector_shots: 0 means "never chosen by the selector"
-            out.append(Candidate(s.name, dialogues, s.selector_shots, s.dataset or s.name))
+            out.append(Candidate(s.name, dialogues, s.selector_shots, s.dataset or s.name, s.family))
     return out
 
 
@@ -295,6 +300,64 @@ class EmbeddingScorer:
         return out
 
 
+class FamilyVote:
+    """Which sibling of a family the user's last message asks for.
+
+    A task split by domain (the booking skills: hotel, restaurant, taxi, train, attraction) keeps its history when the
+    user moves on: "I also need a taxi to the station" after four turns about a hotel. Scored over the history, the
+    hotel still wins. This vote compares the last user message alone with each sibling's opening requests (the first
+    user line of each of its example dialogues, where a user says what they want) by cosine similarity, the mean of
+    the nearest ``top``; the selected skill hands the turn on only when a sibling leads it by ``margin``. Closing lines
+    ("thanks, that's all") resemble no opening request more than another and move nothing.
+    """
+
+    def __init__(self, embedder, margin: float, top: int = 3):
+        self.embedder, self.margin, self.top = embedder, margin, top
+        self._cache: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def openings(c: Candidate) -> list[str]:
+        return [d[0][0] for d in c.examples if d and d[0][0]] or [c.name]
+
+    def matrix(self, c: Candidate) -> np.ndarray:
+        with self._lock:
+            m = self._cache.get(c.key)
+        if m is None:
+            m = encode_examples(self.embedder, self.openings(c))
+            with self._lock:
+                self._cache[c.key] = m
+        return m
+
+    def warm(self, candidates: Sequence[Candidate]) -> None:
+        for c in candidates:
+            if c.family:
+                self.matrix(c)
+
+    def scores(self, message: str, siblings: Sequence[Candidate]) -> dict[str, float]:
+        q = self.embedder.encode([message])[0]
+        out = {}
+        for c in siblings:
+            sims = self.matrix(c) @ q
+            out[c.name] = float(np.sort(sims)[-min(self.top, len(sims)):].mean())
+        return out
+
+    def move(self, selection: Selection, message: str, candidates: Sequence[Candidate]) -> Selection:
+        """``selection``, or the same with the sibling the message clearly asks for (the trace keeps both)."""
+        chosen = next((c for c in candidates if c.name == selection.skill), None)
+        if chosen is None or not chosen.family or not message.strip():
+            return selection
+        siblings = [c for c in candidates if c.family == chosen.family]
+        if len(siblings) < 2:
+            return selection
+        scores = self.scores(clip_words(message), siblings)
+        best = max(scores, key=scores.get)
+        details = {**selection.details, "family": scores}
+        if best != chosen.name and scores[best] - scores[chosen.name] >= self.margin:
+            return dataclasses.replace(selection, skill=best, details=details, moved_from=chosen.name)
+        return dataclasses.replace(selection, details=details)
+
+
 # ------------------------------------------------------------------------------------------------ selector
 def _with_shots(source: Callable[[], Sequence[Candidate]], shots: int) -> Callable[[], list[Candidate]]:
     """``source`` with each candidate's prompt holding at least ``shots`` of its dialogues (as many as it has)."""
@@ -325,6 +388,8 @@ class Selector:
             0: the LM always scores the shortlist.
         shots: the prompt method's example dialogues per skill, at least (more where a skill's ``selector_shots``
             says so, never more than it has); None or 0: each candidate's own count.
+        family_margin: the family vote (`FamilyVote`): a winner with a ``family`` hands the turn to the sibling that
+            the last user message alone prefers by at least this cosine margin. None or 0: off.
         checkpoints: keep each scored history in the LM's conversation checkpoints, so that the next turn's history
             (the same lines and a few new ones) is scored from there (`TransformersLM.score_prefixes`). For a selector
             that scores growing dialogue histories; the scores are the same up to rounding.
@@ -340,7 +405,7 @@ class Selector:
                  layout: SelectorLayout | None = None, method: str = "best", history_turns: int = 5,
                  shortlist: int = 3, weight: float = 1.0, fallback: str | None = None, min_margin: float = 0.0,
                  embedding_top: int = 3, low_precision: bool | str = "auto", sure_margin: float | None = None,
-                 shots: int | None = None, checkpoints: bool = False):
+                 shots: int | None = None, checkpoints: bool = False, family_margin: float | None = None):
         method = BEST_METHOD if method == "best" else method
         if method not in METHODS:
             raise SelectorError(f"unknown selector method {method!r}; use one of: {', '.join(METHODS)}, best")
@@ -355,6 +420,7 @@ class Selector:
         self.prompt = (PromptScorer(lm, layout, low_precision, checkpoints) if lm is not None and layout is not None
                        else None)
         self.embedding = EmbeddingScorer(embedder, history_turns, embedding_top) if embedder is not None else None
+        self.family = FamilyVote(embedder, family_margin) if embedder is not None and family_margin else None
 
     def warm(self) -> None:
         """Compute every cache a selection needs (selector prompts, example embeddings) ahead of the first turn."""
@@ -363,6 +429,8 @@ class Selector:
             self.embedding.warm(candidates)
         if self.prompt is not None and self.method != "embedding":
             self.prompt.warm(candidates)
+        if self.family is not None:
+            self.family.warm(candidates)
 
     def select(self, history: Sequence[Sequence[str]], force: str | None = None) -> Selection:
         """The skill for the turn whose history (``[[user, assistant], ..., [user, ""]]``) is given."""
@@ -392,11 +460,19 @@ class Selector:
             lead = emb[ranked[0].name] - emb[ranked[1].name]
             if self.sure_margin is not None and lead >= self.sure_margin:
                 # the cascade: the embedding winner is clear, no LM pass
-                return dataclasses.replace(self._decide(emb, names, started, details), decided_by="embedding")
+                sel = dataclasses.replace(self._decide(emb, names, started, details), decided_by="embedding")
+                return self._moved(sel, turns, candidates, started)
             top = ranked[: max(1, self.shortlist)]
             scores = self.prompt.scores(turns, top)
             scores = {k: v + self.weight * emb[k] for k, v in scores.items()}
-        return self._decide(scores, names, started, details)
+        return self._moved(self._decide(scores, names, started, details), turns, candidates, started)
+
+    def _moved(self, sel: Selection, turns: Dialogue, candidates, started: float) -> Selection:
+        """The family vote on the winner (not on a fallback): the last user message may pick a sibling."""
+        if self.family is None or sel.fallback:
+            return sel
+        sel = self.family.move(sel, turns[-1][0], candidates)
+        return dataclasses.replace(sel, latency_s=time.perf_counter() - started)
 
     def _decide(self, scores: dict[str, float], names: list[str], started: float, details) -> Selection:
         ranked = sorted(scores.items(), key=lambda kv: kv[1] if math.isfinite(kv[1]) else -math.inf, reverse=True)

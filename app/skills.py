@@ -78,6 +78,10 @@ class Skill(BaseModel):
     aligned: bool = False
     triggers: list[str] = []  # regular expressions; a user turn matching one picks this skill without scoring
     selector_shots: int = Field(2, ge=0)
+    # Skills of one family are one task split by domain (the MultiWOZ booking skills: hotel, restaurant, taxi...): when
+    # the selector picks one, the user's last message alone may hand the turn to a sibling it clearly asks about
+    # (`app.selector.FamilyVote`), whatever the history was about.
+    family: str = Field("", pattern=r"^([a-z0-9][a-z0-9_-]*)?$")
     speakers: Speakers = Speakers()
     template: str
     target: str = "dialogue"

@@ -375,3 +375,57 @@ def test_token_logprobs_in_chunks_equal_log_softmax(monkeypatch, dtype, cap, wit
         # bfloat16 products round each logit to 8 bits of mantissa (a few hundredths here)
         assert got.tolist() == pytest.approx(want.tolist(), abs=1e-4 if dtype == torch.float32 else 0.1)
     assert holder._score_bufs[0].shape == (3, 50)
+
+
+HOTEL = """\
+name: hotel
+description: Books hotel rooms.
+kind: response
+dataset: mwoz-hotel
+family: booking
+selector_shots: 1
+template: |
+  Dialogue:
+  {{ history }}
+examples:
+  - dialogue:
+      - ["i need a cheap hotel in the north with free parking .", "the acorn guest house is cheap and has parking ."]
+      - ["book it for 3 nights from friday for 2 people .", "booked ! your reference is ab12 ."]
+  - dialogue:
+      - ["i am looking for a place to stay with free wifi .", "there are 5 hotels with wifi . which area ?"]
+      - ["the centre , please .", "the gonville hotel is in the centre ."]
+"""
+
+
+def test_the_family_vote_hands_a_booking_to_the_sibling_the_last_message_asks_for(tmp_path):
+    d = skills_dir(tmp_path)
+    (d / "taxi.yaml").write_text(TAXI.replace("dataset: mwoz-taxi\n", "dataset: mwoz-taxi\nfamily: booking\n"))
+    (d / "hotel.yaml").write_text(HOTEL)
+    registry = SkillRegistry(d)
+    history = [["i need a cheap hotel in the north with free parking .", "the acorn guest house is cheap ."],
+               ["book it for 3 nights from friday for 2 people .", "booked ! your reference is ab12 ."],
+               ["and a taxi to the station at 5 pm .", ""]]
+    plain = Selector(registry_source(registry), embedder=HashingEmbedder(), method="embedding")
+    assert plain.select(history).skill == "hotel"  # the history is about the hotel
+    voting = Selector(registry_source(registry), embedder=HashingEmbedder(), method="embedding", family_margin=0.2)
+    got = voting.select(history)
+    assert (got.skill, got.moved_from) == ("taxi", "hotel")
+    assert got.trace()["family"]["moved_from"] == "hotel"
+    assert got.trace()["family"]["scores"]["taxi"] - got.trace()["family"]["scores"]["hotel"] >= 0.2
+    # a closing line asks for no sibling in particular: the history's winner keeps the turn
+    closing = history[:2] + [["thank you , that is all .", ""]]
+    kept = voting.select(closing)
+    assert (kept.skill, kept.moved_from) == ("hotel", None) and "family" in kept.trace()
+    # a margin the message does not reach moves nothing; a skill without a family is never moved
+    assert Selector(registry_source(registry), embedder=HashingEmbedder(), method="embedding",
+                    family_margin=5.0).select(history).skill == "hotel"
+    (d / "taxi.yaml").write_text(TAXI)
+    assert voting.select(history).skill == "hotel"
+
+
+def test_a_family_name_is_checked_like_a_skill_name(tmp_path):
+    d = skills_dir(tmp_path)
+    (d / "taxi.yaml").write_text(TAXI.replace("dataset: mwoz-taxi\n", "dataset: mwoz-taxi\nfamily: Booking Desk\n"))
+    registry = SkillRegistry(d)
+    assert "taxi" not in registry
+    assert any("taxi.yaml" in str(e) and "family" in str(e) for e in registry.errors)
