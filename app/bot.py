@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import re
 import threading
@@ -305,7 +307,7 @@ class Bot:
         layer -> stream; facts the user revealed go to long-term memory after the reply is out.
         """
         self.check_messages(messages)
-        dialogue = to_dialogue(messages)
+        dialogue = self._without_notices(to_dialogue(messages))
         if skill is not None:
             self.skill_for(skill)  # an unknown skill is the caller's error, before any work
         # The turn counts as waiting for its first token from here, not from its stream: routing, parsing and prefill
@@ -380,6 +382,18 @@ class Bot:
         out = TurnStream(stream, finish, after, ended=lambda: self.activity.end(out),
                          first=lambda: self.activity.first_piece(out))
         self.activity.start(out)
+        return out
+
+    def _without_notices(self, dialogue: list[list[str]]) -> list[list[str]]:
+        """The dialogue with the bot's own notices ("I couldn't search the web…") taken out of its earlier replies:
+        they are the bot's words about a turn, not the conversation, and a model that sees them copies them."""
+        notices = [n for n in (self.messages.get(k) for k in NOTICES) if isinstance(n, str) and n.strip()]
+        out = []
+        for user, bot in dialogue:
+            for n in notices:
+                if bot.startswith(n):
+                    bot = bot[len(n):].lstrip()
+            out.append([user, bot])
         return out
 
     def _markers(self) -> list[str]:
@@ -538,6 +552,9 @@ class Bot:
         gen = skill.generation
         decoding = Sampling(gen.temperature, gen.top_p, gen.top_k, gen.repetition_penalty).with_overrides(
             **(sampling or {}))
+        earlier = tuple(bot for _, bot in fields["dialogue"][-kept:] if bot)  # the bot's replies the prompt shows
+        if gen.avoid_repeats and earlier:
+            decoding = dataclasses.replace(decoding, avoid=earlier)
         pieces = self.lm.generate(prompt.text, stop=skill.stop, max_new_tokens=limit, sampling=decoding,
                                   prefix=prompt.prefix, stats=stats)
         return pieces, prompt.text, limit
@@ -680,6 +697,10 @@ def _step(trace: dict, name: str, started: float, **info) -> None:
 def _passage_dict(p) -> dict:
     return {"text": p.text, "source": p.source, "title": p.title, "score": round(float(p.score), 4),
             "untrusted": bool(p.meta.get("untrusted", False))}
+
+
+# The keys of prompts/messages.yaml whose text the bot puts in front of a reply (`_with_notice`).
+NOTICES = ("web_search_failed",)
 
 
 def _with_notice(notice: str, pieces: Iterator[str]) -> Iterator[str]:

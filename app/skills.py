@@ -47,6 +47,9 @@ class Generation(BaseModel):
     # Prompt-lookup decoding (app/lm/lookup.py) for a greedy parser whose output copies its prompt (the dialogue
     # state's slot names and values): the same text in fewer forward passes. Output that copies little is slower.
     lookup: bool = False
+    # The reply may not copy a run of tokens (`app.lm.decoding.AVOID_NGRAM`) from the bot's own earlier replies in
+    # its prompt: a small base model otherwise answers turn after turn with its previous reply, word for word.
+    avoid_repeats: bool = True
 
 
 class Speakers(BaseModel):

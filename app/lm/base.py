@@ -27,6 +27,9 @@ class Sampling:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    # Texts the output must not copy: no run of `AVOID_NGRAM` tokens from any of them (a chat reply's earlier replies,
+    # which a small base model otherwise repeats word for word). Backends that cannot enforce it ignore it.
+    avoid: tuple[str, ...] = ()
 
     def with_overrides(self, **kw) -> "Sampling":
         return replace(self, **{k: v for k, v in kw.items() if v is not None})

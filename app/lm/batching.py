@@ -246,13 +246,14 @@ class BatchScheduler:
         room = lm.context_length - len(ids)
         if room <= 0:  # would run past the position table of the model every row shares
             raise LMError(f"the prompt is {len(ids)} tokens; the model's context is {lm.context_length}")
-        stream = RowStream(lm.tok, lm.eos_ids, ids[-1], req.stops, min(req.max_new_tokens, room))
+        stream = RowStream(lm.tok, lm.eos_ids, ids[-1], req.stops, min(req.max_new_tokens, room),
+                           req.sampling.avoid)
         row = _Row(req, stream, generator_for(req.sampling), len(ids))
         if stream.done:
             self._finish(row)
             return None
         cache, logits = self.runner.prefill(ids, prefix_len)  # cache: batch 1, len(ids) slots; logits [V]
-        self._advance(row, choose_one(logits, stream.generated, req.sampling, row.rng))
+        self._advance(row, choose_one(logits, stream.generated, req.sampling, row.rng, stream.banned()))
         if stream.done or req.cancelled.is_set():
             self._finish(row)
             return None
@@ -289,7 +290,8 @@ class BatchScheduler:
             row.pos += 1
             try:
                 s = row.req.sampling
-                token = greedy[i] if is_greedy(s) else choose_one(logits[i], row.stream.generated, s, row.rng)
+                token = (greedy[i] if is_greedy(s)
+                         else choose_one(logits[i], row.stream.generated, s, row.rng, row.stream.banned()))
                 self._advance(row, token)
             except Exception as exc:  # this row's choice or text failed: it alone ends
                 log.exception("generation failed for one row")

@@ -8,6 +8,8 @@ Shapes: ids [B, L]; mask [B, past + L] (1 = real token); logits [B, V] (``keep=1
 """
 from __future__ import annotations
 
+import functools
+
 import contextlib
 import threading
 import time
@@ -265,8 +267,42 @@ def _best_ms(x: torch.Tensor, weight: torch.Tensor, enabled: bool, repeats: int 
 
 # ------------------------------------------------------------------------------------------------ token choice
 def is_greedy(s: Sampling) -> bool:
-    """True when the next token is the argmax of the raw logits (no penalty, no sampling)."""
-    return s.temperature <= 0 and s.repetition_penalty == 1.0
+    """True when the next token is the argmax of the raw logits (no penalty, no banned copies, no sampling)."""
+    return s.temperature <= 0 and s.repetition_penalty == 1.0 and not s.avoid
+
+
+# A generation may not repeat this many tokens in a row from a text in `Sampling.avoid`: the first AVOID_NGRAM - 1
+# tokens of a copy are allowed ("i hope you" again), the one that would complete the run is not.
+AVOID_NGRAM = 6
+
+
+@functools.lru_cache(maxsize=256)
+def _ngram_table(tok, texts: tuple[str, ...], n: int) -> dict[tuple[int, ...], frozenset[int]]:
+    """(n - 1 tokens) -> the tokens that follow them somewhere in ``texts`` (each tokenized as it would follow a
+    speaker label, with and without a leading space). Only tokens that start a word are kept: a copy is cut at a
+    word boundary ("the maple" + another word), never inside a word ("the maple gue" + "ouses")."""
+    table: dict[tuple[int, ...], set[int]] = {}
+    for text in texts:
+        for variant in {text, " " + text.lstrip()}:
+            ids = tok.encode(variant, add_special_tokens=False)
+            for i in range(len(ids) - n + 1):
+                if _starts_word(tok, ids[i + n - 1]):
+                    table.setdefault(tuple(ids[i : i + n - 1]), set()).add(ids[i + n - 1])
+    return {k: frozenset(v) for k, v in table.items()}
+
+
+def _starts_word(tok, token: int) -> bool:
+    """Whether ``token`` begins a new word: its piece starts with a space marker (SentencePiece's or byte-level
+    BPE's), a space, or is punctuation."""
+    piece = tok.convert_ids_to_tokens(token) or ""
+    return piece[:1] in ("\u2581", "\u0120", " ") or not piece[:1].isalnum()
+
+
+def banned_next(table: dict[tuple[int, ...], frozenset[int]], generated: Sequence[int], n: int = AVOID_NGRAM):
+    """The tokens that would complete a run of ``n`` copied tokens after ``generated``."""
+    if not table or len(generated) < n - 1:
+        return ()
+    return table.get(tuple(generated[len(generated) - n + 1 :]), ())
 
 
 def generator_for(s: Sampling) -> torch.Generator | None:
@@ -274,9 +310,15 @@ def generator_for(s: Sampling) -> torch.Generator | None:
     return None if s.seed is None else torch.Generator().manual_seed(s.seed)
 
 
-def choose(logits: torch.Tensor, generated: Sequence[Sequence[int]], s: Sampling, rng=None) -> torch.Tensor:
-    """Next token per row from logits [B, V] (CPU, float): repetition penalty on generated tokens, then greedy or
-    sampled (temperature, top-k, top-p). Returns [B]."""
+def choose(logits: torch.Tensor, generated: Sequence[Sequence[int]], s: Sampling, rng=None,
+           banned: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """Next token per row from logits [B, V] (CPU, float): ``banned`` tokens per row (`RowStream.banned`) ruled out,
+    repetition penalty on generated tokens, then greedy or sampled (temperature, top-k, top-p). Returns [B]."""
+    if banned and any(banned):
+        logits = logits.clone()
+        for row, ids in enumerate(banned):
+            if ids:
+                logits[row, list(ids)] = float("-inf")
     if s.repetition_penalty != 1.0:
         logits = logits.clone()
         for row, toks in enumerate(generated):
@@ -299,11 +341,12 @@ def choose(logits: torch.Tensor, generated: Sequence[Sequence[int]], s: Sampling
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)[:, 0]
 
 
-def choose_one(logits: torch.Tensor, generated: list[int], s: Sampling, rng=None) -> int:
+def choose_one(logits: torch.Tensor, generated: list[int], s: Sampling, rng=None,
+               banned: Sequence[int] = ()) -> int:
     """`choose` for one row's logits [V] (any device): greedy by argmax where it stands, else on the CPU."""
     if is_greedy(s):
         return int(logits.float().argmax())
-    return int(choose(logits.float().cpu()[None], [generated], s, rng)[0])
+    return int(choose(logits.float().cpu()[None], [generated], s, rng, [banned])[0])
 
 
 # ---------------------------------------------------------------------------------------------- a row's text
@@ -323,12 +366,19 @@ class RowStream:
     token limit. Every decode loop uses it, so their outputs match token for token.
     """
 
-    def __init__(self, tok, eos_ids: set[int], anchor: int, stops: Sequence[str], max_new_tokens: int):
+    def __init__(self, tok, eos_ids: set[int], anchor: int, stops: Sequence[str], max_new_tokens: int,
+                 avoid: Sequence[str] = ()):
         self.tok, self.eos_ids, self.anchor, self.max_new_tokens = tok, eos_ids, anchor, max_new_tokens
         self.generated: list[int] = []
+        texts = tuple(t for t in avoid if t and t.strip())
+        self._avoid = _ngram_table(tok, texts, AVOID_NGRAM) if texts else {}
         self.scanner = StopScanner(stops)
         self.finish = "length"
         self.done = max_new_tokens <= 0
+
+    def banned(self) -> tuple[int, ...] | frozenset[int]:
+        """The next tokens that would copy `AVOID_NGRAM` tokens in a row from a text of ``avoid``."""
+        return banned_next(self._avoid, self.generated)
 
     def push(self, token: int) -> str:
         if token in self.eos_ids:

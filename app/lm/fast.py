@@ -181,12 +181,12 @@ class FastPath:
     def _run(self, ids, prefix_len, stops, max_new_tokens, sampling, out, stats, cancel) -> None:
         """gpt-fast's ``generate``: prefill, then one compiled step per token, streaming text as it is safe."""
         self.used += 1
-        row = RowStream(self.lm.tok, self.lm.eos_ids, ids[-1], stops, max_new_tokens)
+        row = RowStream(self.lm.tok, self.lm.eos_ids, ids[-1], stops, max_new_tokens, sampling.avoid)
         rng = generator_for(sampling)
         logits = self.prefill(ids, prefix_len)  # [V]
         position = len(ids)
         while not row.done:
-            token = choose_one(logits, row.generated, sampling, rng)
+            token = choose_one(logits, row.generated, sampling, rng, row.banned())
             piece = row.push(token)
             if piece and out is not None:
                 out.put(piece)
