@@ -45,7 +45,8 @@ def test_a_booking_that_moves_to_a_taxi_is_answered_by_the_taxi_skill(tmp_path, 
     assert routed(tmp_path, tiny, 0.0, last)[0] == "mwoz-hotel"  # the vote off: the history's hotel answers
     skill, alone = routed(tmp_path, tiny, 0.2, last)
     assert skill == "mwoz-taxi"
-    # the same message alone in a new stored session (/api/chat): the trace shows the vote's scores    assert alone["skill"] == "mwoz-taxi", alone
+    # the same message alone in a new stored session (/api/chat): the trace shows the vote's scores
+    assert alone["skill"] == "mwoz-taxi", alone
     assert alone["trace"]["selection"]["family"]["scores"]["mwoz-taxi"] > 0
 
 

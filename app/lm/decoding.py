@@ -8,9 +8,8 @@ Shapes: ids [B, L]; mask [B, past + L] (1 = real token); logits [B, V] (``keep=1
 """
 from __future__ import annotations
 
-import functools
-
 import contextlib
+import functools
 import threading
 import time
 from typing import Callable, Sequence

@@ -209,7 +209,8 @@ class TransformersLM:
             logits, mask, next_pos = logits[None], None, torch.tensor([len(encoded[0][0])])
         else:
             cache, logits, mask, next_pos = self._prefill_batch(encoded)
-        rows = [RowStream(self.tok, self.eos_ids, ids[-1], stops, max_new_tokens, sampling.avoid) for ids, _ in encoded]
+        rows = [RowStream(self.tok, self.eos_ids, ids[-1], stops, max_new_tokens, sampling.avoid)
+                for ids, _ in encoded]
         rng = generator_for(sampling)
         while not all(r.done for r in rows):
             next_ids = choose(logits.float().cpu(), [r.generated for r in rows], sampling, rng,
