@@ -342,19 +342,29 @@ class FamilyVote:
             out[c.name] = float(np.sort(sims)[-min(self.top, len(sims)):].mean())
         return out
 
+    def sibling_scores(self, skill: str, message: str, candidates: Sequence[Candidate]) -> dict[str, float] | None:
+        """The vote's scores over ``skill``'s family (``skill`` included), or None when it has no siblings."""
+        chosen = next((c for c in candidates if c.name == skill), None)
+        if chosen is None or not chosen.family or not message.strip():
+            return None
+        siblings = [c for c in candidates if c.family == chosen.family]
+        return self.scores(clip_words(message), siblings) if len(siblings) > 1 else None
+
+    @staticmethod
+    def pick(scores: dict[str, float], chosen: str, margin: float) -> str:
+        """The sibling that leads ``chosen`` by ``margin`` or more, else ``chosen``."""
+        best = max(scores, key=scores.get)
+        return best if best != chosen and scores[best] - scores[chosen] >= margin else chosen
+
     def move(self, selection: Selection, message: str, candidates: Sequence[Candidate]) -> Selection:
         """``selection``, or the same with the sibling the message clearly asks for (the trace keeps both)."""
-        chosen = next((c for c in candidates if c.name == selection.skill), None)
-        if chosen is None or not chosen.family or not message.strip():
+        scores = self.sibling_scores(selection.skill, message, candidates)
+        if scores is None:
             return selection
-        siblings = [c for c in candidates if c.family == chosen.family]
-        if len(siblings) < 2:
-            return selection
-        scores = self.scores(clip_words(message), siblings)
-        best = max(scores, key=scores.get)
         details = {**selection.details, "family": scores}
-        if best != chosen.name and scores[best] - scores[chosen.name] >= self.margin:
-            return dataclasses.replace(selection, skill=best, details=details, moved_from=chosen.name)
+        skill = self.pick(scores, selection.skill, self.margin)
+        if skill != selection.skill:
+            return dataclasses.replace(selection, skill=skill, details=details, moved_from=selection.skill)
         return dataclasses.replace(selection, details=details)
 
 

@@ -31,32 +31,28 @@ OUT = ROOT / "bench" / "results" / "family-fit.txt"
 MARGINS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, None]  # None: the vote off
 
 
-def routed(router, rows, labels, vote):
-    """Each row's gold label, the routed label with the vote off, and the vote's scores (label -> cosine)."""
-    from app.selector import clip_words
-
+def routed(router, rows, vote):
+    """Each row's gold label, the skill routed with the vote off, and the vote's scores over its family (None where
+    the history selector did not decide or the skill has no family): `FamilyVote.sibling_scores`, as shipped."""
+    candidates = list(router.selector.source())
     out = []
     for i, r in enumerate(rows):
         route = router.route(r["dialogue"])
-        item = {"gold": r["skill"], "pred": labels[route.skill.name], "half": r["half"], "family": None}
-        cands = {c.name: c for c in router.selector.source()}
-        chosen = cands.get(route.skill.name)
-        if route.selection is not None and chosen is not None and chosen.family:
-            siblings = [c for c in cands.values() if c.family == chosen.family]
-            scores = vote.scores(clip_words(r["dialogue"][-1][0]), siblings)  # as `FamilyVote.move` does
-            item["family"] = {labels[k]: v for k, v in scores.items()}
-        out.append(item)
+        scores = (vote.sibling_scores(route.skill.name, r["dialogue"][-1][0], candidates)
+                  if route.selection is not None else None)
+        out.append({"gold": r["skill"], "skill": route.skill.name, "half": r["half"], "family": scores})
         print(f"\r[family] {i + 1}/{len(rows)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return out
 
 
-def decide(item, margin):
-    s = item["family"]
-    if margin is None or not s or item["pred"] not in s:
-        return item["pred"]
-    best = max(s, key=s.get)
-    return best if best != item["pred"] and s[best] - s[item["pred"]] >= margin else item["pred"]
+def decide(item, margin) -> str:
+    """The skill the router answers with at ``margin`` (None: the vote off): `FamilyVote.pick`, as shipped."""
+    from app.selector import FamilyVote
+
+    if margin is None or not item["family"]:
+        return item["skill"]
+    return FamilyVote.pick(item["family"], item["skill"], margin)
 
 
 def main() -> None:
@@ -82,10 +78,10 @@ def main() -> None:
     live = [json.loads(line) for line in (ROOT / "tests" / "data" / "live-chat.jsonl").read_text().splitlines()
             if line.strip()]
     live = _halves([dict(r, label=r["skill"]) for r in live], key=lambda it: it["label"])
-    sets = {"selector-dev": routed(router, dev, labels, vote), "live-chat": routed(router, live, labels, vote)}
+    sets = {"selector-dev": routed(router, dev, vote), "live-chat": routed(router, live, vote)}
 
     def acc(items, margin):
-        return sum(decide(it, margin) == it["gold"] for it in items) / max(1, len(items))
+        return sum(labels[decide(it, margin)] == it["gold"] for it in items) / max(1, len(items))
 
     table = {}
     for m in MARGINS:
@@ -101,8 +97,8 @@ def main() -> None:
         mark = "  <- chosen on the fit halves" if m == best else ""
         lines.append(f"{tag:>6}   {t[('selector-dev', 'fit')]:16.3f}  {t[('live-chat', 'fit')]:13.3f}  |  "
                      f"{t[('selector-dev', 'report')]:19.3f}  {t[('live-chat', 'report')]:16.3f}{mark}")
-    moved = [(name, it["half"], it["gold"], it["pred"], decide(it, best))
-             for name, items in sets.items() for it in items if decide(it, best) != it["pred"]]
+    moved = [(name, it["half"], it["gold"], labels[it["skill"]], labels[decide(it, best)])
+             for name, items in sets.items() for it in items if decide(it, best) != it["skill"]]
     lines.append(f"\nturns moved at {best}: gold, routed without the vote -> with it")
     lines += [f"  {n} {h}: {g}, {p} -> {q}" for n, h, g, p, q in moved]
     text = "\n".join(lines)
