@@ -493,13 +493,14 @@ def fit(args) -> None:
 
 
 def fit_cascade(off: Offline, constants, stage=None):
-    """The cascade's margins (`app.first_stage.Gate.sure_above` / ``sure_below``), fitted on the fit halves: for a
-    quantile q, each margin is the q-quantile of how far the LM term pushed the score the other way over the fit
-    items; the smallest q (in 0.50..1.00 by 0.01) under which no fit-half decision changes wins. Prints the share
+    """The cascade's margins (`app.first_stage.Gate.sure_above` / ``sure_below``), fitted on the fit halves, one gate
+    after the other (safety, then the turn): for a quantile q, the gate's margins are the q-quantiles of how far its
+    LM term pushed the score the other way over the fit items; the smallest q (in 0.50..1.00 by 0.01) under which no
+    fit-half decision changes wins. Prints the share
     of messages the LM still scores and the decisions changed, on both halves. Returns the constants with them."""
     import numpy as np
 
-    from app.first_stage import decide
+    from app.first_stage import decide, lm_needed
 
     c0 = constants.model_copy(update={
         "safety": constants.safety.model_copy(update={"sure_above": None, "sure_below": None}),
@@ -515,14 +516,13 @@ def fit_cascade(off: Offline, constants, stage=None):
         rows.append((it["half"], ev, d.action, d.skill, terms))
     fit_terms = {g: np.array([t[g] for h, _, _, _, t in rows if h == "fit"]) for g in ("safety", "turn")}
 
-    def with_q(q: float):
-        gates = {}
-        for g in ("safety", "turn"):
-            up = float(np.quantile(-fit_terms[g], q))  # a "yes" the LM term pulled down by this much
-            down = float(np.quantile(fit_terms[g], q))  # a "no" the LM term pushed up by this much
-            gates[g] = getattr(c0, g).model_copy(update={"sure_above": round(max(up, 0.0), 3),
-                                                         "sure_below": round(max(down, 0.0), 3)})
-        return c0.model_copy(update=gates)
+    def with_q(c, g: str, q: float):
+        """``c`` with gate ``g``'s margins at the q-quantiles of the fit items' LM terms."""
+        up = float(np.quantile(-fit_terms[g], q))  # a "yes" the LM term pulled down by this much
+        down = float(np.quantile(fit_terms[g], q))  # a "no" the LM term pushed up by this much
+        gate = getattr(c, g).model_copy(update={"sure_above": round(max(up, 0.0), 3),
+                                                "sure_below": round(max(down, 0.0), 3)})
+        return c.model_copy(update={g: gate})
 
     def outcome(c, half):
         items = [(ev, a, sk) for h, ev, a, sk, _ in rows if h == half]
@@ -533,23 +533,28 @@ def fit_cascade(off: Offline, constants, stage=None):
             changed += (d.action, d.skill) != (action, skill)
         return len(items), skipped, changed
 
-    chosen = None
-    for q in [round(1.0 - 0.01 * i, 2) for i in range(51)]:
-        c = with_q(q)
-        n, skipped, changed = outcome(c, "fit")
-        if changed:
-            break
-        chosen = (q, c)
-    if chosen is None:
-        print("cascade: every quantile changes a fit decision; the LM always scores")
-        return c0
-    q, c = chosen
-    print(f"cascade fitted on the fit halves: q {q}, safety sure_above {c.safety.sure_above} sure_below "
+    # Each gate on its own quantile (the safety gate first, the turn gate then with the safety margins fitted): the
+    # smallest q under which no fit-half decision changes.
+    c, qs = c0, {}
+    for g in ("safety", "turn"):
+        chosen = None
+        for q in [round(1.0 - 0.01 * i, 2) for i in range(51)]:
+            trial = with_q(c, g, q)
+            if outcome(trial, "fit")[2]:
+                break
+            chosen = (q, trial)
+        if chosen is None:
+            print(f"cascade: every quantile changes a fit decision; the LM always scores for the {g} gate")
+            continue
+        qs[g], c = chosen
+    print(f"cascade fitted on the fit halves: q {qs}, safety sure_above {c.safety.sure_above} sure_below "
           f"{c.safety.sure_below}, turn sure_above {c.turn.sure_above} sure_below {c.turn.sure_below}")
+    needed = lambda half: sum(lm_needed(c, ev.vote_safety, ev.vote_turn)  # noqa: E731
+                              for h, ev, *_ in rows if h == half)
     for half in ("fit", "report"):
         n, skipped, changed = outcome(c, half)
-        print(f"  {half:6} half: the LM scores {n - skipped}/{n} messages ({(n - skipped) / max(n, 1):.0%}); "
-              f"decisions changed against the full rule: {changed}")
+        print(f"  {half:6} half: the LM scores {needed(half)}/{n} messages ({needed(half) / max(n, 1):.0%}), the safety "
+              f"rows for {n - skipped}; decisions changed against the full rule: {changed}")
     return c
 
 
