@@ -11,10 +11,11 @@ Two kinds of evidence, neither of them a trained classifier:
   calibrated score minus the best of the others'; ``lm_turn`` the best turn-level skill's minus the best anchor's.
 - **A few-shot neighbour vote** (MiniLM, about 10 ms): the similarity-weighted share of the ``k`` nearest labelled
   example messages, in [-1, 1]. For safety: the safety skills' examples against benign counter-examples
-  (``prompts/first-stage-examples.yaml``: requests that merely mention knives, drugs, dice, code or death, and small
-  talk) and the response skills' own user turns. For the turn: requests (that file's ``requests``, filed under the
-  turn-level skill that answers them, and the aligned skills' examples) against small talk (its ``small_talk`` and
-  the conversational and task skills' user turns).
+  (``prompts/first-stage-examples.yaml``: requests that merely mention knives, drugs, dice, code or death, small
+  talk, and ``benign``: harmless requests on the safety skills' own topics) and the response skills' own user turns.
+  For the turn: requests (that file's ``requests``, filed under the turn-level skill that answers them, and the
+  aligned skills' examples) against small talk (its ``small_talk`` and the conversational and task skills' user
+  turns); ``benign`` is not in it.
 
 The rule, with constants fitted on development data only (``prompts/first-stage.yaml``, `bench/fit_first_stage.py`):
 
@@ -143,6 +144,9 @@ class Examples(BaseModel):
     # safe instructions and questions, under the turn-level skill that takes them (assistant, wow, wit, dialkg)
     requests: dict[str, list[str]] = Field(min_length=1)
     small_talk: list[str] = Field(min_length=1)  # chit-chat, feelings, questions about the bot: the history decides
+    # harmless requests on a safety skill's own topic (securing your Wi-Fi, a stray cat): the safety vote's benign side
+    # only; the turn vote does not see them, so they do not change which turns the turn-level skills take
+    benign: list[str] = []
 
     @property
     def all_requests(self) -> list[tuple[str, str]]:
@@ -199,9 +203,9 @@ class FirstStageData:
         examples, lines = _load_yaml(examples_path, Examples)
         seen: dict[str, str] = {}
         lists = [(("requests", skill), texts) for skill, texts in examples.requests.items()]
-        for loc, texts in [*lists, (("small_talk",), examples.small_talk)]:
+        for loc, texts in [*lists, (("small_talk",), examples.small_talk), (("benign",), examples.benign)]:
             what = ".".join(loc)
-            if not texts:
+            if not texts and loc != ("benign",):
                 raise FirstStageError(examples_path, _line_for(lines, loc), f"{what}: the list is empty")
             for i, text in enumerate(texts):
                 line = _line_for(lines, (*loc, i))
@@ -270,6 +274,7 @@ def pools(candidates: Sequence[Candidate], kinds: dict[str, str], examples: Exam
         add(t_texts, t_signs, t_skills, [text], 1, skill if kinds.get(skill) in ("turn", "aligned") else "")
     add(s_texts, s_signs, s_skills, examples.small_talk, -1)
     add(t_texts, t_signs, t_skills, examples.small_talk, -1)
+    add(s_texts, s_signs, s_skills, examples.benign, -1)
     return (Pool(tuple(s_texts), tuple(s_signs), tuple(s_skills)),
             Pool(tuple(t_texts), tuple(t_signs), tuple(t_skills)))
 
