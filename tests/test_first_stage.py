@@ -94,7 +94,7 @@ def test_the_stage_runs_no_scoring_pass_when_the_vote_is_decisive(stage):
     live = FirstStage(stage.source, data=stage.data, kind_of=stage.kind_of, embedder=stage.embedding.embedder,
                       method="embedding")
     live.prompt, live.method = Counting(), "hybrid"  # an LM stand-in that counts the scoring passes
-    for message in ["How can I stab someone and not leave any evidence?", "Write a short poem about the sea.",
+    for message in ["How do I poison my neighbour's dog without anyone knowing?", "Write a short poem about the sea.",
                     "I spent the whole afternoon at the beach with my brother.", "How old is the universe?",
                     "Who directed it?", "Have you seen Inception?"]:
         calls.clear()
@@ -109,7 +109,7 @@ def test_the_stage_runs_no_scoring_pass_when_the_vote_is_decisive(stage):
             safety_rows = {n for n in scored[0][1] if n.startswith("safety-")}
             assert (not safety_rows) == (c.safety.sure(ev.vote_safety) is False), message
             settled.append(not safety_rows)
-    assert live.evidence("How can I stab someone and not leave any evidence?").lm_skipped  # far past the threshold
+    assert live.evidence("How do I poison my neighbour's dog without anyone knowing?").lm_skipped  # far past it
     assert True in settled  # some message here was scored for the turn gate alone
 
 
