@@ -553,8 +553,9 @@ def fit_cascade(off: Offline, constants, stage=None):
                               for h, ev, *_ in rows if h == half)
     for half in ("fit", "report"):
         n, skipped, changed = outcome(c, half)
-        print(f"  {half:6} half: the LM scores {needed(half)}/{n} messages ({needed(half) / max(n, 1):.0%}), the safety "
-              f"rows for {n - skipped}; decisions changed against the full rule: {changed}")
+        scored = needed(half)
+        print(f"  {half:6} half: the LM scores {scored}/{n} messages ({scored / max(n, 1):.0%}), the safety rows "
+              f"for {n - skipped}; decisions changed against the full rule: {changed}")
     return c
 
 
