@@ -18,6 +18,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -430,6 +431,12 @@ class Aligner:
     def _one(self, messages, overrides, note: str = "", answer_start: str = "") -> Streamed:
         sampling, max_new = self.sampling(overrides)
         rendered, dropped = self._render(messages, note, answer_start, max_new)
+        if not note:
+            # An answer does not copy the assistant's earlier replies that the prompt shows (a small base model
+            # repeats the last one: "I'm sorry to say that." to "Write a haiku"); a refusal may repeat its wording.
+            earlier = tuple(a for _, a in _pairs(messages)[0][dropped:] if a and a.strip())
+            if earlier:
+                sampling = dataclasses.replace(sampling, avoid=earlier)
         reply = AlignedText(rendered, max_new, refusal=bool(note), dropped_turns=dropped)
         return Streamed(self._stream(reply, sampling, max_new, answer_start), reply)
 

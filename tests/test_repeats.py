@@ -95,3 +95,24 @@ def test_the_bot_asks_not_to_repeat_its_earlier_replies_and_drops_its_notices(tm
     assert avoid == ("hello! i love boats.", "the sea is calm today.")
     assert nothing == ()  # a first turn has nothing to avoid
     assert notice not in prompt and "the sea is calm today." in prompt
+
+
+def test_the_assistant_does_not_copy_its_earlier_replies_but_a_refusal_may(tmp_path, tiny):
+    """The alignment layer's answers avoid the earlier replies its prompt shows (the 270M model answered "Write a
+    haiku about autumn rain." with its previous reply, word for word); a refusal is not told to avoid anything."""
+    settings = Settings.load(env={}, model="tiny", data_dir=tmp_path / "data", selector="off", safety=False,
+                             starter_kb=False)
+    lm = Recording(tiny)
+    bot = build_bot(settings, lm=lm)
+    messages = [{"role": "user", "content": "I need a hotel for two nights."},
+                {"role": "assistant", "content": "I'm sorry to say that."},
+                {"role": "user", "content": "Write a haiku about autumn rain."}]
+    with LiveServer(build_app(settings, bot=bot)) as server, httpx.Client(timeout=120) as client:
+        r = client.post(server.url + "/v1/chat/completions", json={"model": "fsb:assistant", "max_tokens": 6,
+                                                                    "messages": messages})
+        assert r.status_code == 200, r.text
+        prompt, avoid = lm.calls[-1]
+        assert avoid == ("I'm sorry to say that.",) and "I'm sorry to say that." in prompt
+        refused = bot.aligner.refuse([(m["role"], m["content"]) for m in messages], "it could hurt someone")
+        "".join(refused)
+    assert lm.calls[-1][1] == ()
