@@ -14,7 +14,8 @@ The stages, in order (the first that decides wins):
    history must not outvote a one-off instruction or a question about something new. Any other winner falls through.
 5. **The history selector** (the paper's prompt-based classifier and its faster siblings, `app.selector`) picks among
    the response skills from the recent dialogue. When its winner belongs to a family (one task split by domain: the
-   booking skills), the last message alone may hand the turn to the sibling it clearly asks for (the family vote).
+   booking skills), the last message alone may hand the turn to the sibling it clearly asks for (the family vote);
+   when it belongs to none (small talk), to the task skill the message clearly asks for (a chat turning into a task).
 6. **The default skill**, when no selector is configured.
 
 `Route` records the outcome (skill, method, scores, why) for the turn trace.
@@ -131,9 +132,12 @@ class Router:
         if self.selector is not None:
             selection = self.selector.select(dialogue)
             why = "the history selector chose it"
-            if getattr(selection, "moved_from", None):
-                why = (f"the history selector chose {selection.moved_from}; the last message asks for its sibling "
-                       f"{selection.skill} (the family vote)")
+            moved = getattr(selection, "moved_from", None)
+            if moved:
+                entered = moved in self.skills and not self.skills.get(moved).family
+                why = (f"the history selector chose {moved}; the last message asks for "
+                       + (f"the task skill {selection.skill}" if entered else f"its sibling {selection.skill}")
+                       + " (the family vote)")
             return Route(self.skill(selection.skill), selection.method, why,
                          scores=dict(selection.scores), first_stage=first, selection=selection.trace())
         return Route(self.skill(None), "default", "no selector is configured", first_stage=first)

@@ -83,7 +83,8 @@ class Skill(BaseModel):
     selector_shots: int = Field(2, ge=0)
     # Skills of one family are one task split by domain (the MultiWOZ booking skills: hotel, restaurant, taxi...): when
     # the selector picks one, the user's last message alone may hand the turn to a sibling it clearly asks about
-    # (`app.selector.FamilyVote`), whatever the history was about.
+    # (`app.selector.FamilyVote`), whatever the history was about; a chat whose last message clearly asks for a task
+    # goes to the skill of a family that it asks for.
     family: str = Field("", pattern=r"^([a-z0-9][a-z0-9_-]*)?$")
     speakers: Speakers = Speakers()
     template: str

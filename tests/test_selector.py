@@ -429,3 +429,29 @@ def test_a_family_name_is_checked_like_a_skill_name(tmp_path):
     registry = SkillRegistry(d)
     assert "taxi" not in registry
     assert any("taxi.yaml" in str(e) and "family" in str(e) for e in registry.errors)
+
+
+def test_small_talk_that_turns_into_a_booking_goes_to_the_task_it_asks_for(tmp_path):
+    d = skills_dir(tmp_path)
+    (d / "taxi.yaml").write_text(TAXI.replace("dataset: mwoz-taxi\n", "dataset: mwoz-taxi\nfamily: booking\n"))
+    (d / "hotel.yaml").write_text(HOTEL)
+    registry = SkillRegistry(d)
+    chat = [["hi ! how are you today ?", "i am great ! i just got back from walking my dog ."],
+            ["what kind of dog do you have ?", "a beagle . he loves the park ."]]
+    asks = chat + [["i need a cheap hotel in the north with free parking .", ""]]
+    plain = Selector(registry_source(registry), embedder=HashingEmbedder(), method="embedding")
+    assert plain.select(asks).skill == "persona"  # the history is small talk
+    voting = Selector(registry_source(registry), embedder=HashingEmbedder(), method="embedding", family_margin=0.2)
+    got = voting.select(asks)
+    assert (got.skill, got.moved_from) == ("hotel", "persona")
+    scores = got.trace()["family"]["scores"]
+    assert scores["hotel"] - scores["persona"] >= 0.2 and set(scores) == {"persona", "hotel", "taxi"}
+    # more small talk stays small talk; a margin the message does not reach moves nothing
+    stays = voting.select(chat + [["do you like to go hiking on the weekend ?", ""]])
+    assert (stays.skill, stays.moved_from) == ("persona", None) and "family" in stays.trace()
+    assert Selector(registry_source(registry), embedder=HashingEmbedder(), method="embedding",
+                    family_margin=5.0).select(asks).skill == "persona"
+    # without any skill of a family there is no task to enter
+    (d / "taxi.yaml").write_text(TAXI)
+    (d / "hotel.yaml").write_text(HOTEL.replace("family: booking\n", ""))
+    assert voting.select(asks).moved_from is None
