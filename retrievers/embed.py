@@ -9,6 +9,7 @@ tiny deterministic stand-in for fast tests: no model, bag of hashed words and ch
 """
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import os
@@ -60,11 +61,17 @@ class MiniLMEmbedder:
     name = MINILM_NAME
     dim = 384
 
+    # One message is embedded by several steps of a turn (the first stage's vote, the family vote, the history
+    # selector on a first turn): the last few single texts are kept, so it is embedded once.
+    RECENT = 64
+
     def __init__(self, device: str = "cpu", batch_size: int = 32):
         self.device = device
         self.batch_size = batch_size
         self._model = None
         self._lock = threading.Lock()
+        self._recent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._recent_lock = threading.Lock()
 
     def _load(self):
         with self._lock:
@@ -81,12 +88,25 @@ class MiniLMEmbedder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        one = texts[0] if len(texts) == 1 else None
+        if one is not None:
+            with self._recent_lock:
+                hit = self._recent.get(one)
+                if hit is not None:
+                    self._recent.move_to_end(one)
+                    return hit[None].copy()
         model = self._model or self._load()
         vecs = model.encode(
             list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
             show_progress_bar=False,
         )
-        return np.ascontiguousarray(vecs, dtype=np.float32)
+        vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+        if one is not None:
+            with self._recent_lock:
+                self._recent[one] = vecs[0].copy()
+                while len(self._recent) > self.RECENT:
+                    self._recent.popitem(last=False)
+        return vecs
 
 
 @functools.lru_cache(maxsize=1)

@@ -21,6 +21,20 @@ def test_minilm_vectors_are_unit_float32_and_meaningful(minilm):
     assert minilm.encode([]).shape == (0, 384)
 
 
+def test_a_message_embedded_twice_is_embedded_once(minilm, monkeypatch):
+    """The steps of one turn embed the same message; the second asks the model for nothing, and a caller that
+    changes the returned array does not change the kept one."""
+    text = "Anyway, I need a taxi to the station at nine."
+    first = minilm.encode([text])
+    calls = []
+    model = minilm._model
+    monkeypatch.setattr(model, "encode", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    again = minilm.encode([text])
+    assert calls == [] and np.array_equal(first, again)
+    again[0, 0] += 1.0
+    assert np.array_equal(minilm.encode([text]), first)
+
+
 def test_hashing_embedder_is_deterministic_and_unit_length():
     a, b = HashingEmbedder(), HashingEmbedder()
     x = a.encode(["owls hunt at night", "owls hunt", "", "tax returns"])
