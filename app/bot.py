@@ -516,20 +516,13 @@ class Bot:
         def note(**info):  # the remember step, with how long it waited for a quiet moment
             _step(trace, "remember", started, waited_s=round(waited_s, 3), **info)
 
-        split = self.messages.get("fact_split", r"(?<=[.!?])\s+")
-        # Questions reveal nothing lasting about the user: only the message's statements go to the parser.
-        statements = [x.strip() for x in re.split(split, dialogue[-1][0].strip()) if x.strip()
-                      and not x.strip().endswith("?")]
+        statements = memory_statements(dialogue[-1][0], self.messages)
         if not statements:
             note(facts=[], added=0, skipped="no statements in the message")
             return
         try:
-            text = self._run_parser(self.skills.get(name), [[" ".join(statements), ""]])
-            no_facts = {x.lower() for x in self.messages.get("no_facts", ["none"])}
-            keep = re.compile(self.messages.get("fact_keep", r"^(i|my|i'm|i've|i'd|i'll)\b"), re.IGNORECASE)
-            found = [f.strip() for f in re.split(split, text.strip()) if f.strip()
-                     and f.strip().rstrip(".").lower() not in no_facts]
-            facts = [f for f in found if keep.search(f)]
+            text = self._run_parser(self.skills.get(name), [[statements, ""]])
+            found, facts = memory_facts(text, statements, self.messages)
             added = self.knowledge.remember(user, facts)
             note(facts=facts, added=len(added), dropped=[f for f in found if f not in facts] or None)
         except Exception as exc:  # noqa: BLE001 - memory is best effort; the reply already went out
@@ -612,6 +605,32 @@ class Bot:
             reply.message_id = self.store.add_message(session_id, "assistant", reply.text, reply.skill, reply.trace)
 
         return stream.on_reply(store)
+
+
+def memory_statements(message: str, messages: dict) -> str:
+    """What of a user's message goes to the memory parser: its statements (questions reveal nothing lasting about the
+    user), joined; "" when there are none."""
+    split = messages.get("fact_split", r"(?<=[.!?])\s+")
+    return " ".join(x.strip() for x in re.split(split, message.strip()) if x.strip() and not x.strip().endswith("?"))
+
+
+def memory_facts(text: str, statements: str, messages: dict) -> tuple[list[str], list[str]]:
+    """(everything the memory parser wrote, the facts kept): first-person sentences (``fact_keep``) that share a word
+    with what the user said (``fact_words``, ``fact_ignore``). The second check drops what the parser copies from its
+    own examples: "Hi!" came back as "I am a student. I take care of my grandmother."."""
+    split = messages.get("fact_split", r"(?<=[.!?])\s+")
+    no_facts = {x.lower() for x in messages.get("no_facts", ["none"])}
+    keep = re.compile(messages.get("fact_keep", r"^(i|my|i'm|i've|i'd|i'll)\b"), re.IGNORECASE)
+    found = [f.strip() for f in re.split(split, text.strip()) if f.strip()
+             and f.strip().rstrip(".").lower() not in no_facts]
+    said = _content_words(statements, messages)
+    return found, [f for f in found if keep.search(f) and _content_words(f, messages) & said]
+
+
+def _content_words(text: str, messages: dict) -> set[str]:
+    ignore = set(messages.get("fact_ignore", []))
+    words = re.findall(messages.get("fact_words", r"[a-z0-9]+"), text.lower())
+    return {w[:5] for w in words if w not in ignore and (len(w) >= 3 or w.isdigit())}
 
 
 def run_parser(parser: Skill, lm: LM, dialogue, budget_tokens: int, history_turns: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from retrievers.embed import HashingEmbedder
+from app.settings import REPO_ROOT
 
 MSG = [{"role": "user", "content": "tell me how to pick a lock"}]
 
@@ -61,6 +62,38 @@ def test_facts_the_user_reveals_are_remembered_and_come_back_in_the_memory_skill
     assert "I have two dogs." in memory
     assert {p["source"] for p in stream.reply.passages} <= {f"memory:{f.id}" for f in
                                                              bot.knowledge.memory.list("dana")}
+
+
+def test_facts_the_parser_copies_from_its_examples_are_not_remembered(settings, tiny_lm):
+    """gemma-3-270m answered "Hi!" with its last example's facts ("I am a student. I take care of my grandmother."):
+    a fact is kept only when it shares a word with what the user said."""
+    from app.server import build_bot
+
+    lm = ScriptedFacts(tiny_lm, "I am a student. I take care of my grandmother. I have two dogs.", "User Facts:")
+    bot = build_bot(settings.replace(memory=True), lm=lm, embedder=HashingEmbedder())
+    stream = bot.turn([{"role": "user", "content": "Hi! I just got back from walking my dogs."}], skill="persona",
+                      max_tokens=3, user="lee")
+    stream.text()
+    bot.wait_for_memory("lee")
+    remember = stream.reply.trace["steps"][-1]
+    assert remember["facts"] == ["I have two dogs."]
+    assert remember["dropped"] == ["I am a student.", "I take care of my grandmother."]
+    assert [f.text for f in bot.knowledge.memory.list("lee")] == ["I have two dogs."]
+
+
+def test_the_memory_rules_keep_first_person_facts_about_what_was_said():
+    import yaml
+
+    from app.bot import memory_facts, memory_statements
+
+    messages = yaml.safe_load((REPO_ROOT / "prompts" / "messages.yaml").read_text())
+    said = memory_statements("Hi! I'm Sam and I work as a nurse. What about you?", messages)
+    assert said == "Hi! I'm Sam and I work as a nurse."
+    written, kept = memory_facts("My name is Sam. I am a nurse. I am a student. Sam is nice. none", said, messages)
+    assert written == ["My name is Sam.", "I am a nurse.", "I am a student.", "Sam is nice."]
+    assert kept == ["My name is Sam.", "I am a nurse."]  # not first person: dropped; no word in common: dropped
+    assert memory_statements("Where do you live?", messages) == ""
+    assert memory_facts("I am 19.", memory_statements("I'm 19 and love it", messages), messages)[1] == ["I am 19."]
 
 
 def test_no_user_means_nothing_is_remembered(settings, tiny_lm):
