@@ -397,11 +397,16 @@ examples:
 """
 
 
-def test_the_family_vote_hands_a_booking_to_the_sibling_the_last_message_asks_for(tmp_path):
+def booking_skills(tmp_path):
+    """persona, and hotel and taxi in one family: the skills folder and its registry."""
     d = skills_dir(tmp_path)
     (d / "taxi.yaml").write_text(TAXI.replace("dataset: mwoz-taxi\n", "dataset: mwoz-taxi\nfamily: booking\n"))
     (d / "hotel.yaml").write_text(HOTEL)
-    registry = SkillRegistry(d)
+    return d, SkillRegistry(d)
+
+
+def test_the_family_vote_hands_a_booking_to_the_sibling_the_last_message_asks_for(tmp_path):
+    d, registry = booking_skills(tmp_path)
     history = [["i need a cheap hotel in the north with free parking .", "the acorn guest house is cheap ."],
                ["book it for 3 nights from friday for 2 people .", "booked ! your reference is ab12 ."],
                ["and a taxi to the station at 5 pm .", ""]]
@@ -432,10 +437,7 @@ def test_a_family_name_is_checked_like_a_skill_name(tmp_path):
 
 
 def test_small_talk_that_turns_into_a_booking_goes_to_the_task_it_asks_for(tmp_path):
-    d = skills_dir(tmp_path)
-    (d / "taxi.yaml").write_text(TAXI.replace("dataset: mwoz-taxi\n", "dataset: mwoz-taxi\nfamily: booking\n"))
-    (d / "hotel.yaml").write_text(HOTEL)
-    registry = SkillRegistry(d)
+    d, registry = booking_skills(tmp_path)
     chat = [["hi ! how are you today ?", "i am great ! i just got back from walking my dog ."],
             ["what kind of dog do you have ?", "a beagle . he loves the park ."]]
     asks = chat + [["i need a cheap hotel in the north with free parking .", ""]]
