@@ -14,8 +14,9 @@ The stages, in order (the first that decides wins):
    history must not outvote a one-off instruction or a question about something new. Any other winner falls through.
 5. **The history selector** (the paper's prompt-based classifier and its faster siblings, `app.selector`) picks among
    the response skills from the recent dialogue. When its winner belongs to a family (one task split by domain: the
-   booking skills), the last message alone may hand the turn to the sibling it clearly asks for (the family vote);
-   when it belongs to none (small talk), to the task skill the message clearly asks for (a chat turning into a task).
+   booking skills), the last message alone may hand the turn to the sibling it clearly asks for (the family vote),
+   or to a chat skill when it clearly leaves the task; when it belongs to none (small talk), to the task skill the
+   message clearly asks for (a chat turning into a task).
 6. **The default skill**, when no selector is configured.
 
 `Route` records the outcome (skill, method, scores, why) for the turn trace.
@@ -134,10 +135,11 @@ class Router:
             why = "the history selector chose it"
             moved = getattr(selection, "moved_from", None)
             if moved:
-                entered = moved in self.skills and not self.skills.get(moved).family
-                why = (f"the history selector chose {moved}; the last message asks for "
-                       + (f"the task skill {selection.skill}" if entered else f"its sibling {selection.skill}")
-                       + " (the family vote)")
+                was = self.skills.get(moved).family if moved in self.skills else ""
+                now = self.skills.get(selection.skill).family if selection.skill in self.skills else ""
+                asks = (f"its sibling {selection.skill}" if was and was == now else
+                        f"the task skill {selection.skill}" if now else f"{selection.skill}, not a task")
+                why = f"the history selector chose {moved}; the last message asks for {asks} (the family vote)"
             return Route(self.skill(selection.skill), selection.method, why,
                          scores=dict(selection.scores), first_stage=first, selection=selection.trace())
         return Route(self.skill(None), "default", "no selector is configured", first_stage=first)

@@ -73,3 +73,15 @@ def test_small_talk_that_turns_into_a_booking_is_answered_by_the_booking_skill(t
     # small talk that only mentions a trip stays with the chat
     assert not routed(tmp_path, tiny, 0.2, "We stayed in a lovely little hotel in Rome last summer.",
                       chat=SMALL_TALK, embedder=minilm)[0].startswith("mwoz-")
+
+
+def test_a_booking_that_turns_into_small_talk_is_answered_by_a_chat_skill(tmp_path, tiny):
+    from retrievers.embed import default_embedder
+
+    minilm = default_embedder()
+    last = "How are you doing today? Any fun plans for the weekend?"
+    assert routed(tmp_path, tiny, 0.0, last, embedder=minilm)[0] == "mwoz-hotel"  # the vote off: the booking answers
+    assert not routed(tmp_path, tiny, 0.2, last, embedder=minilm)[0].startswith("mwoz-")
+    # a closing line and a question about the booking stay with it
+    for line in ("Thanks, that's all I needed!", "Does the hotel have wifi too?"):
+        assert routed(tmp_path, tiny, 0.2, line, embedder=minilm)[0] == "mwoz-hotel", line

@@ -421,11 +421,29 @@ def test_the_family_vote_hands_a_booking_to_the_sibling_the_last_message_asks_fo
     closing = history[:2] + [["thank you , that is all .", ""]]
     kept = voting.select(closing)
     assert (kept.skill, kept.moved_from) == ("hotel", None) and "family" in kept.trace()
-    # a margin the message does not reach moves nothing; a skill without a family is never moved
+    # a margin the message does not reach moves nothing
     assert Selector(registry_source(registry), embedder=HashingEmbedder(), method="embedding",
                     family_margin=5.0).select(history).skill == "hotel"
+    # a skill without a family is no sibling: the turn reaches it only by leaving the task, compared with every skill
+    # on the task's side (the scores cover all of them)
     (d / "taxi.yaml").write_text(TAXI)
-    assert voting.select(history).skill == "hotel"
+    left = voting.select(history)
+    assert (left.skill, left.moved_from) == ("taxi", "hotel") and set(left.trace()["family"]["scores"]) == {
+        "hotel", "taxi", "persona"}
+
+
+def test_a_booking_that_turns_into_small_talk_goes_back_to_the_chat(tmp_path):
+    d, registry = booking_skills(tmp_path)
+    booking = [["i need a cheap hotel in the north with free parking .", "the acorn guest house is cheap ."],
+               ["book it for 3 nights from friday for 2 people .", "booked ! your reference is ab12 ."]]
+    plain = Selector(registry_source(registry), embedder=HashingEmbedder(), method="embedding")
+    chat = booking + [["hi ! how are you today ? what do you do for fun ?", ""]]
+    assert plain.select(chat).skill == "hotel"  # the history is a booking
+    voting = Selector(registry_source(registry), embedder=HashingEmbedder(), method="embedding", family_margin=0.2)
+    got = voting.select(chat)
+    assert (got.skill, got.moved_from) == ("persona", "hotel")
+    scores = got.trace()["family"]["scores"]
+    assert scores["persona"] - max(scores["hotel"], scores["taxi"]) >= 0.2
 
 
 def test_a_family_name_is_checked_like_a_skill_name(tmp_path):
