@@ -607,10 +607,13 @@ class Bot:
         return stream.on_reply(store)
 
 
+FACT_SPLIT = r"(?<=[.!?])\s+"  # prompts/messages.yaml's fact_split, when a messages file lacks it
+
+
 def memory_statements(message: str, messages: dict) -> str:
     """What of a user's message goes to the memory parser: its statements (questions reveal nothing lasting about the
     user), joined; "" when there are none."""
-    split = messages.get("fact_split", r"(?<=[.!?])\s+")
+    split = messages.get("fact_split", FACT_SPLIT)
     return " ".join(x.strip() for x in re.split(split, message.strip()) if x.strip() and not x.strip().endswith("?"))
 
 
@@ -618,7 +621,7 @@ def memory_facts(text: str, statements: str, messages: dict) -> tuple[list[str],
     """(everything the memory parser wrote, the facts kept): first-person sentences (``fact_keep``) that share a word
     with what the user said (``fact_words``, ``fact_ignore``). The second check drops what the parser copies from its
     own examples: "Hi!" came back as "I am a student. I take care of my grandmother."."""
-    split = messages.get("fact_split", r"(?<=[.!?])\s+")
+    split = messages.get("fact_split", FACT_SPLIT)
     no_facts = {x.lower() for x in messages.get("no_facts", ["none"])}
     keep = re.compile(messages.get("fact_keep", r"^(i|my|i'm|i've|i'd|i'll)\b"), re.IGNORECASE)
     found = [f.strip() for f in re.split(split, text.strip()) if f.strip()

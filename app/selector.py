@@ -367,35 +367,27 @@ class FamilyVote:
         return best if best != chosen and scores[best] - scores[chosen] >= margin else chosen
 
     def move(self, selection: Selection, message: str, candidates: Sequence[Candidate]) -> Selection:
-        """``selection``, or the same with the sibling the message clearly asks for, or the other side of the line
-        between tasks and chat (`cross`); the trace keeps both."""
-        scores = self.sibling_scores(selection.skill, message, candidates)
-        if scores is None:
-            return self.cross(selection, message, candidates)
-        details = {**selection.details, "family": scores}
-        skill = self.pick(scores, selection.skill, self.margin)
-        if skill != selection.skill:
-            return dataclasses.replace(selection, skill=skill, details=details, moved_from=selection.skill)
-        crossed = self.cross(selection, message, candidates)
-        return crossed if crossed.moved_from else dataclasses.replace(selection, details=details)
-
-    def cross(self, selection: Selection, message: str, candidates: Sequence[Candidate]) -> Selection:
-        """``selection``, or the same with the best skill on the other side of the line between tasks (skills with a
-        family) and chat (skills without one) when the message's openings lead every skill on the selected one's side
-        by the margin: a chat that turns into a booking, or a booking that turns into a chat ("How are you doing
-        today?" after a hotel). See the class docstring."""
+        """``selection``, or the same with the sibling the message clearly asks for or, failing that, the best skill
+        on the other side of the line between tasks (skills with a family) and chat (skills without one) when the
+        message's openings lead every skill on the selected one's side by the margin: a chat that turns into a
+        booking, or a booking that turns into a chat. The message is scored against every candidate once; the trace
+        keeps those scores."""
         chosen = next((c for c in candidates if c.name == selection.skill), None)
-        if chosen is None or not message.strip():
+        if chosen is None or not message.strip() or not any(c.family for c in candidates):
             return selection
-        mine = [c for c in candidates if bool(c.family) == bool(chosen.family)]
-        theirs = [c for c in candidates if bool(c.family) != bool(chosen.family)]
-        if not theirs:
-            return selection
-        scores = self.scores(clip_words(message), mine + theirs)
-        best = max(theirs, key=lambda c: scores[c.name]).name
+        scores = self.scores(clip_words(message), candidates)
         details = {**selection.details, "family": scores}
-        if scores[best] - max(scores[c.name] for c in mine) >= self.margin:
-            return dataclasses.replace(selection, skill=best, details=details, moved_from=selection.skill)
+        if chosen.family:
+            siblings = {c.name: scores[c.name] for c in candidates if c.family == chosen.family}
+            skill = self.pick(siblings, chosen.name, self.margin)
+            if skill != chosen.name:
+                return dataclasses.replace(selection, skill=skill, details=details, moved_from=chosen.name)
+        mine = [scores[c.name] for c in candidates if bool(c.family) == bool(chosen.family)]
+        theirs = [c.name for c in candidates if bool(c.family) != bool(chosen.family)]
+        if theirs:
+            best = max(theirs, key=scores.get)
+            if scores[best] - max(mine) >= self.margin:
+                return dataclasses.replace(selection, skill=best, details=details, moved_from=chosen.name)
         return dataclasses.replace(selection, details=details)
 
 
