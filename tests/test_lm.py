@@ -247,6 +247,50 @@ def test_the_kernel_choice_and_the_decoder_apply_only_where_they_can_pay(tiny_lm
     assert bfloat16_decoder(copy.deepcopy(tiny_lm.model).to(torch.bfloat16)) is None  # already bfloat16
 
 
+def test_packed_linear_layers_compute_what_the_plain_ones_do(tiny_lm):
+    """`pack_linears` on a bfloat16 model: every linear layer is packed, a one-row product stays on the plain weight
+    (the output layer's weight still tied to the embeddings), and a prefill, a one-row and a three-row decode step
+    give the logits the unpacked model gives; a greedy generation through the batch scheduler gives the same text."""
+    import copy
+
+    from app.lm.batching import BatchedLM
+    from app.lm.decoding import ModelRunner, PackedLinear, pack_linears
+    from app.lm.hf import TransformersLM
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    assert pack_linears(tiny_lm.model, force=True) is None  # float32: nothing to pack
+    plain = copy.deepcopy(tiny_lm.model).to(torch.bfloat16).eval()
+    packed = copy.deepcopy(plain)
+    assert pack_linears(packed, force=True) == 1
+    linears = [m for m in packed.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is PackedLinear for m in linears)
+    assert packed.get_output_embeddings().weight is packed.get_input_embeddings().weight
+
+    def logits(model, ids):
+        runner = ModelRunner(model, PrefixCache(0), pack=False)
+        runner.native_tokens = 1
+        cache, prefill = runner.forward(torch.tensor(ids), keep=0)
+        step = torch.tensor([[7]] * len(ids))
+        _, decode = runner.forward(step, cache, positions=torch.full((len(ids), 1), len(ids[0])), decode=True)
+        return prefill.float(), decode.float()
+
+    for rows in ([[5, 6, 7, 8, 9]], [[5, 6, 7, 8, 9], [9, 8, 7, 6, 5], [4, 4, 4, 4, 4]]):
+        for want, got in zip(logits(plain, rows), logits(packed, rows)):
+            assert torch.allclose(want, got, atol=0.05, rtol=0.02), (want - got).abs().max()
+
+    def text(model):
+        lm = TransformersLM(model, tiny_lm.tok, prefix_cache_entries=0, pack_weights=False)
+        batched = BatchedLM(lm)
+        try:
+            return "".join(batched.generate(PROMPT, max_new_tokens=8))
+        finally:
+            batched.close()
+
+    assert text(packed) == text(plain)
+    assert not any(type(m) is PackedLinear for m in plain.modules())
+
+
 def test_a_bfloat16_decoder_runs_the_decode_steps_and_nothing_else(tiny_lm):
     """With a bfloat16 copy attached, prefill and scoring stay on the float32 model and every decode step (plain
     loop, batch scheduler with rows joining a running batch) runs on the copy; scores are unchanged by it."""
