@@ -332,13 +332,8 @@ def _output_weight(model) -> torch.Tensor | None:
 
 def _best_ms(x: torch.Tensor, weight: torch.Tensor, enabled: bool, repeats: int = 3) -> float:
     """The fastest of ``repeats`` products x @ weight.T in ms, with oneDNN on or off (a first call warms up)."""
-    times = []
     with onednn(enabled), torch.inference_mode():
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            torch.nn.functional.linear(x, weight)
-            times.append(time.perf_counter() - start)
-    return min(times[1:]) * 1000
+        return _best_ms_fn(lambda: torch.nn.functional.linear(x, weight), repeats)
 
 
 def _best_ms_fn(fn: Callable[[], object], repeats: int = 3) -> float:

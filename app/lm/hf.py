@@ -67,7 +67,8 @@ class TransformersLM:
         self.tok = tokenizer
         self.name = name
         self.prefix_cache = PrefixCache(prefix_cache_entries, checkpoint_bytes=checkpoint_mb * 2**20)
-        self.runner = ModelRunner(self.model, self.prefix_cache, pack=pack_weights)  # the forward lock and prefill every loop shares
+        # the forward lock and prefill every loop shares
+        self.runner = ModelRunner(self.model, self.prefix_cache, pack=pack_weights)
         self._line_breaks: dict[int, bool] = {}
         self.runner.line_break = self.line_break
         self.fast = None  # an attached single-stream fast path (`fast.FastPath`), set by `load_lm` on CUDA
