@@ -105,6 +105,9 @@ class Settings:
     checkpoint_mb: int = 512
     batching: bool = True  # concurrent turns share the model's forward passes (continuous batching)
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    # A bfloat16 model on a CPU keeps a second copy of its linear weights laid out for oneDNN where that is faster
+    # (`app.lm.decoding.pack_linears`: batched decode steps ~20% faster, ~0.5 GB more for gemma-3-270m); off saves it.
+    pack_weights: bool = True
     api_key: str = ""
     log_level: str = "info"
 

@@ -410,3 +410,26 @@ def test_checkpoints_are_bounded_by_bytes_and_off_at_zero():
     off.runner.forward = lambda ids, *a, **kw: (fed.append(ids.shape[1]), forward(ids, *a, **kw))[1]
     off.runner.prefill(ids, prefix_len)
     assert fed[-1] == len(ids) - prefix_len and off.prefix_cache.checkpoint_held == 0
+
+
+def test_fsb_pack_weights_decides_whether_the_weights_are_packed(tiny_lm, tmp_path, monkeypatch):
+    """``FSB_PACK_WEIGHTS=off`` reaches the model runner through `load_lm` (a local model folder): the weights are
+    never offered to `pack_linears`; on (the default) they are. A bad value names the variable."""
+    import app.lm.decoding as decoding
+    from app.lm import load_lm
+    from app.settings import Settings
+
+    assert Settings.load(env={}).pack_weights is True
+    assert Settings.load(env={"FSB_PACK_WEIGHTS": "off"}).pack_weights is False
+    with pytest.raises(ValueError, match="FSB_PACK_WEIGHTS must be on or off"):
+        Settings.load(env={"FSB_PACK_WEIGHTS": "maybe"})
+    tiny_lm.model.save_pretrained(tmp_path)
+    tiny_lm.tok.save_pretrained(tmp_path)
+    offered = []
+    monkeypatch.setattr(decoding, "pack_linears", lambda model, **kw: offered.append(model) and None)
+    for on in (False, True):
+        settings = Settings.load(env={"FSB_PACK_WEIGHTS": "on" if on else "off"}, model=str(tmp_path), device="cpu",
+                                 dtype="bfloat16", batching=False, data_dir=tmp_path / "data")
+        lm = load_lm(settings)
+        assert lm.runner.pack is on
+        assert len(offered) == int(on)

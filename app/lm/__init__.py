@@ -68,7 +68,8 @@ def load_lm(settings, progress=None) -> LM:
             tokenizer = load_tokenizer(path)
         lm = TransformersLM.from_pretrained(path, device=settings.device, dtype=settings.dtype,
                                             prefix_cache_entries=settings.prefix_cache_entries, tokenizer=tokenizer,
-                                            checkpoint_mb=settings.checkpoint_mb)
+                                            checkpoint_mb=settings.checkpoint_mb,
+                                            pack_weights=settings.pack_weights)
         lm.name = name
         if lm.device.type == "cuda":
             from .fast import enable_fast_path

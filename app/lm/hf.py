@@ -85,7 +85,7 @@ class TransformersLM:
     @classmethod
     def from_pretrained(
         cls, name_or_path: str, device: str = "auto", dtype: str = "auto", prefix_cache_entries: int = 32,
-        tokenizer=None, checkpoint_mb: int = 0, **kw
+        tokenizer=None, checkpoint_mb: int = 0, pack_weights: bool = True, **kw
     ) -> "TransformersLM":
         """Load a model id or local folder; ``device="auto"`` spreads it over GPUs with accelerate when there are any."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -99,7 +99,7 @@ class TransformersLM:
         else:  # no device_map on CPU: accelerate's dispatch costs seconds there and buys nothing
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kw)
         lm = cls(model, tokenizer, name=str(name_or_path), prefix_cache_entries=prefix_cache_entries,
-                 checkpoint_mb=checkpoint_mb)
+                 checkpoint_mb=checkpoint_mb, pack_weights=pack_weights)
         if dtype == "auto" and not cuda and torch_dtype == torch.float32:
             # float32 for prefill and scoring on a CPU without fast bfloat16 products; decode steps in bfloat16 where
             # that is measurably faster here (`decoding.bfloat16_decoder`)
