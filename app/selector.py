@@ -181,13 +181,19 @@ def to_dialogue(turns: Iterable[Sequence[str]]) -> Dialogue:
 
 def candidates_from_skills(skills: Iterable, selector_examples: bool = True) -> list[Candidate]:
     """One candidate per skill (`app.skills.Skill`): its examples' ``dialogue`` fields, then (unless
-    ``selector_examples`` is false) its ``selector_examples``; the prompt takes the first ``selector_shots``."""
+    ``selector_examples`` is false) its ``selector_examples``; the prompt takes the first ``selector_shots``. For a skill
+    with ``selector_prompt_shots`` the prompt takes that many selector examples after them (they are listed there)."""
     out = []
     for s in skills:
         extra = s.selector_examples if selector_examples else []
-        dialogues = tuple(to_dialogue(e["dialogue"]) for e in [*s.examples, *extra] if e.get("dialogue"))
+        shots, first = s.selector_shots, s.selector_prompt_shots
+        ordered = [*s.examples, *extra]
+        if extra and first:  # the prompt: the first selector_shots examples, then selector_prompt_shots of these
+            shown, more = s.examples[:shots], min(first, len(extra))
+            ordered, shots = [*shown, *extra[:more], *s.examples[len(shown):], *extra[more:]], len(shown) + more
+        dialogues = tuple(to_dialogue(e["dialogue"]) for e in ordered if e.get("dialogue"))
         if dialogues and s.selector_shots > 0:  # selector_shots: 0 means "never chosen by the selector"
-            out.append(Candidate(s.name, dialogues, s.selector_shots, s.dataset or s.name, s.family))
+            out.append(Candidate(s.name, dialogues, shots, s.dataset or s.name, s.family))
     return out
 
 

@@ -97,6 +97,11 @@ class Skill(BaseModel):
     # More example dialogues for choosing the skill only (the selector's embedding ranking and, past ``examples``, its
     # prompt shots); never in the reply's prompt, so they cost a turn nothing. Each needs a ``dialogue``.
     selector_examples: list[dict[str, Any]] = []
+    # How many of ``selector_examples`` the history selector's prompt shows after the first ``selector_shots`` of
+    # ``examples`` (0: none; past ``examples`` as before). For a skill that stands for a dataset, its selector examples
+    # can be dialogues of that dataset, which a history from it resembles more than our own replies. The last-message
+    # stage never shows selector examples (its constants were fitted without them).
+    selector_prompt_shots: int = Field(0, ge=0)
     refusal: SafetyRefusal | None = None  # safety skills: the concern their refusal names and what it offers instead
 
     path: str = Field("", exclude=True)

@@ -196,11 +196,22 @@ def test_selector_examples_join_the_selectors_dialogues_but_never_the_reply_prom
     from app.selector import candidates_from_skills
 
     wow = load_skill(SKILLS / "wow.yaml")
-    assert wow.selector_examples  # the shipped file carries some
+    assert wow.selector_examples and wow.selector_prompt_shots == 4  # the shipped file: the shot pool first
     candidate = candidates_from_skills([wow])[0]
     assert len(candidate.examples) == len(wow.examples) + len(wow.selector_examples)
     first_extra = wow.selector_examples[0]["dialogue"][0][0]
-    assert candidate.examples[len(wow.examples)][0][0] == first_extra  # after the examples: the prompt shots stay
+    own = wow.examples[0]["dialogue"][0][0]
+    # selector_prompt_shots: the history selector's prompt shows 2 examples, then 4 selector examples; the rest follow
+    assert candidate.shots == wow.selector_shots + 4 == 6
+    assert [d[0][0] for d in candidate.examples[:3]] == [own, wow.examples[1]["dialogue"][0][0], first_extra]
+    assert candidate.examples[6][0][0] == wow.examples[2]["dialogue"][0][0]
+    assert candidate.examples[len(wow.examples) + 4][0][0] == wow.selector_examples[4]["dialogue"][0][0]
+    # without it (and for the last-message stage, which never takes selector examples) the examples come first
+    plain = candidates_from_skills([wow.model_copy(update={"selector_prompt_shots": 0})])[0]
+    assert plain.shots == wow.selector_shots and plain.examples[0][0][0] == own
+    assert plain.examples[len(wow.examples)][0][0] == first_extra
+    stage = candidates_from_skills([wow], selector_examples=False)[0]
+    assert stage.shots == wow.selector_shots and len(stage.examples) == len(wow.examples)
     prompt = wow.prompt({"dialogue": [["tell me about volcanoes", ""]], "knowledge": ["Volcanoes erupt."]},
                         budget_tokens=100_000, count_tokens=lambda t: len(t.split()))
     assert first_extra not in prompt.text and prompt.examples == len(wow.examples)
@@ -238,7 +249,9 @@ def test_check_catches_a_field_a_live_turn_lacks(tmp_path, settings):
     (tmp_path / "wow.yaml").write_text(text, encoding="utf-8")
     result = run(skills, "check", "--dir", str(tmp_path), settings=settings)
     assert result.exit_code == 1
-    assert result.output.startswith(f"{tmp_path / 'wow.yaml'}:9: a live turn cannot render: 'knowledge' is undefined")
+    line = text.splitlines().index("template: |") + 1
+    assert result.output.startswith(f"{tmp_path / 'wow.yaml'}:{line}: a live turn cannot render: 'knowledge' is "
+                                    "undefined")
 
 
 # ------------------------------------------------------------------------------------------------- hot reload
@@ -345,3 +358,43 @@ def test_eval_rejects_data_without_gold_for_the_target(tmp_path, settings):
         eval_group, ["skill", "dst", "--data", str(data), "--dataset", "ed", "--model", "tiny"], obj=settings)
     assert result.exit_code == 1
     assert "has no gold 'state' for skill 'dst'" in result.stderr
+
+
+def test_pool_shots_writes_the_pool_once_at_the_head_of_selector_examples(tmp_path):
+    """`bench/pool_shots.py`: a dataset skill gets its pool's first dialogues at the head of ``selector_examples`` and
+    ``selector_prompt_shots``; running it again changes nothing, ``--check`` says when a file differs, and a new
+    ``--dialogues`` replaces the block instead of adding a second one. The file loads, our own examples after it."""
+    import importlib.util
+    import json
+
+    from app.settings import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("pool_shots", REPO_ROOT / "bench" / "pool_shots.py")
+    pool_shots = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pool_shots)
+    pool = tmp_path / "pool"
+    (pool / "ed").mkdir(parents=True)
+    records = [{"dialogue": [[f'i felt "proud" {i}', f"that is great {i}"], ["thanks", ""]]} for i in range(5)]
+    (pool / "ed" / "valid.json").write_text(json.dumps(records), encoding="utf-8")
+    skills = tmp_path / "skills"
+    skills.mkdir()
+    text = (SKILLS / "ed.yaml").read_text(encoding="utf-8")
+    start, end = text.index(pool_shots.BEGIN.split("{")[0]), text.index(pool_shots.END) + len(pool_shots.END) + 1
+    original = text[:start] + text[end:]  # the shipped file without its pool block
+    original = "\n".join(x for x in original.splitlines() if not x.startswith("selector_prompt_shots:")) + "\n"
+    (skills / "ed.yaml").write_text(original, encoding="utf-8")
+    own = load_skill(skills / "ed.yaml").selector_examples
+
+    args = ["--skills", str(skills), "--pool", str(pool), "--dialogues", "3"]
+    assert pool_shots.main([*args, "--check"]) == 1
+    assert pool_shots.main(args) == 0
+    written = (skills / "ed.yaml").read_text(encoding="utf-8")
+    assert pool_shots.main([*args, "--check"]) == 0 and pool_shots.main(args) == 0
+    assert (skills / "ed.yaml").read_text(encoding="utf-8") == written
+    ed = load_skill(skills / "ed.yaml")
+    assert ed.selector_prompt_shots == 4
+    assert [e["dialogue"] for e in ed.selector_examples[:3]] == [r["dialogue"] for r in records[:3]]
+    assert ed.selector_examples[3:] == own and ed.examples == load_skill(SKILLS / "ed.yaml").examples
+    assert pool_shots.main(["--skills", str(skills), "--pool", str(pool), "--dialogues", "5", "--shots", "2"]) == 0
+    ed = load_skill(skills / "ed.yaml")
+    assert len(ed.selector_examples) == 5 + len(own) and ed.selector_prompt_shots == 2
