@@ -115,6 +115,13 @@ def default_embedder() -> MiniLMEmbedder:
     return MiniLMEmbedder()
 
 
+# Example vectors this process has embedded, by `ExampleCache` key, shared by every cache (several bots in one
+# process, each with its own data directory, embed the same skill files once); about 1.5 KB each.
+_MEMO: dict[str, bytes] = {}
+_MEMO_LOCK = threading.Lock()
+_MEMO_ENTRIES = 20_000
+
+
 class ExampleCache:
     """An embedder whose ``encode_examples`` keeps vectors in SQLite by (model, text), so the skills' example
     dialogues and the first stage's counter-examples are embedded once per install, not at every start (about 7 s of
@@ -152,9 +159,17 @@ class ExampleCache:
                                    chunk).fetchall()
             found.update({k: v for k, v in rows if len(v) == 4 * self.dim})
         missing = [i for i, k in enumerate(keys) if k not in found]
-        if missing:
-            vecs = self.inner.encode([texts[i] for i in missing])
-            new = {keys[i]: to_blob(v) for i, v in zip(missing, vecs)}
+        with _MEMO_LOCK:  # another cache of this process (another data directory) may have embedded them already
+            new = {keys[i]: _MEMO[keys[i]] for i in missing if keys[i] in _MEMO}
+        todo = [i for i in missing if keys[i] not in new]
+        if todo:
+            vecs = self.inner.encode([texts[i] for i in todo])
+            new.update({keys[i]: to_blob(v) for i, v in zip(todo, vecs)})
+        if new:
+            with _MEMO_LOCK:
+                if len(_MEMO) + len(new) > _MEMO_ENTRIES:
+                    _MEMO.clear()
+                _MEMO.update(new)
             with write(self.db):
                 self.db.conn.executemany("INSERT OR REPLACE INTO example_vectors (key, vec) VALUES (?, ?)",
                                          list(new.items()))

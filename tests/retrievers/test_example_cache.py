@@ -43,3 +43,13 @@ def test_a_users_text_is_never_stored_and_another_model_never_reads_these_vector
     other = ExampleCache(Counting(dim=32), db)  # another model (its name differs): its own vectors
     assert encode_examples(other, ["an example"]).shape == (1, 32) and other.inner.texts == ["an example"]
     assert encode_examples(HashingEmbedder(64), ["x"]).shape == (1, 64)  # an embedder without a cache: encode
+
+
+def test_another_data_directory_in_the_same_process_embeds_nothing_again_and_still_stores_them(tmp_path):
+    texts = ["an example only these two caches see", "and a second one"]
+    first = ExampleCache(Counting(), open_db(tmp_path / "a.db"))
+    vecs = encode_examples(first, texts)
+    assert first.inner.texts == texts
+    second = ExampleCache(Counting(), open_db(tmp_path / "b.db"))  # a second bot, its own data directory
+    assert np.array_equal(encode_examples(second, texts), vecs) and second.inner.texts == []
+    assert rows(second.db) == 2  # written to its own file too: its next start reads them from there
