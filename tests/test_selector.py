@@ -343,12 +343,13 @@ def test_selector_shots_deepens_the_history_selectors_prompts_only(tmp_path, lm)
     router = build_router(s, registry, lm, HashingEmbedder())
     history = {c.name: c for c in router.selector.source()}
     first = {c.name: c for c in router.first_stage.source()}
-    wow = registry.get("wow")
+    wow, ed = registry.get("wow"), registry.get("ed")
     assert history["wow"].shots == 9 and first["wow"].shots == wow.selector_shots == 2
-    # without the setting: its 2 examples and 4 of its selector examples (selector_prompt_shots)
+    assert history["ed"].shots == 9 and first["ed"].shots == ed.selector_shots == 2
+    # without the setting: wow's 2 examples; ed's 2 and 4 of its selector examples (selector_prompt_shots)
     plain = {c.name: c for c in build_router(Settings.load(env={}, data_dir=tmp_path), registry, lm,
                                              HashingEmbedder()).selector.source()}
-    assert plain["wow"].shots == wow.selector_shots + wow.selector_prompt_shots == 6
+    assert plain["wow"].shots == 2 and plain["ed"].shots == ed.selector_shots + ed.selector_prompt_shots == 6
     assert history["assistant"].shots == registry.get("assistant").selector_shots  # no more dialogues than that
     prefix = router.selector.prompt.prefix(history["wow"])
     assert all(SelectorLayout.load(s.prompts_dir / "selector.yaml").dialogue(d) in prefix

@@ -196,22 +196,22 @@ def test_selector_examples_join_the_selectors_dialogues_but_never_the_reply_prom
     from app.selector import candidates_from_skills
 
     wow = load_skill(SKILLS / "wow.yaml")
-    assert wow.selector_examples and wow.selector_prompt_shots == 4  # the shipped file: the shot pool first
+    assert wow.selector_examples and wow.selector_prompt_shots == 0  # a knowledge skill: no shot pool
     candidate = candidates_from_skills([wow])[0]
     assert len(candidate.examples) == len(wow.examples) + len(wow.selector_examples)
     first_extra = wow.selector_examples[0]["dialogue"][0][0]
-    own = wow.examples[0]["dialogue"][0][0]
-    # selector_prompt_shots: the history selector's prompt shows 2 examples, then 4 selector examples; the rest follow
-    assert candidate.shots == wow.selector_shots + 4 == 6
-    assert [d[0][0] for d in candidate.examples[:3]] == [own, wow.examples[1]["dialogue"][0][0], first_extra]
-    assert candidate.examples[6][0][0] == wow.examples[2]["dialogue"][0][0]
-    assert candidate.examples[len(wow.examples) + 4][0][0] == wow.selector_examples[4]["dialogue"][0][0]
-    # without it (and for the last-message stage, which never takes selector examples) the examples come first
-    plain = candidates_from_skills([wow.model_copy(update={"selector_prompt_shots": 0})])[0]
-    assert plain.shots == wow.selector_shots and plain.examples[0][0][0] == own
-    assert plain.examples[len(wow.examples)][0][0] == first_extra
-    stage = candidates_from_skills([wow], selector_examples=False)[0]
-    assert stage.shots == wow.selector_shots and len(stage.examples) == len(wow.examples)
+    assert candidate.shots == wow.selector_shots and candidate.examples[0][0][0] == wow.examples[0]["dialogue"][0][0]
+    assert candidate.examples[len(wow.examples)][0][0] == first_extra  # after the examples: the prompt shots stay
+    # selector_prompt_shots (ed: the shot pool first in its selector examples): its prompt shows its 2 examples, then
+    # 4 selector examples; the rest follow. The last-message stage never takes selector examples.
+    ed = load_skill(SKILLS / "ed.yaml")
+    assert ed.selector_prompt_shots == 4
+    own, pool = [e["dialogue"][0][0] for e in ed.examples], [e["dialogue"][0][0] for e in ed.selector_examples]
+    pooled = candidates_from_skills([ed])[0]
+    assert pooled.shots == ed.selector_shots + 4 == 6
+    assert [d[0][0] for d in pooled.examples] == own[:2] + pool[:4] + own[2:] + pool[4:]
+    stage = candidates_from_skills([ed], selector_examples=False)[0]
+    assert stage.shots == ed.selector_shots and [d[0][0] for d in stage.examples] == own
     prompt = wow.prompt({"dialogue": [["tell me about volcanoes", ""]], "knowledge": ["Volcanoes erupt."]},
                         budget_tokens=100_000, count_tokens=lambda t: len(t.split()))
     assert first_extra not in prompt.text and prompt.examples == len(wow.examples)
@@ -398,3 +398,10 @@ def test_pool_shots_writes_the_pool_once_at_the_head_of_selector_examples(tmp_pa
     assert pool_shots.main(["--skills", str(skills), "--pool", str(pool), "--dialogues", "5", "--shots", "2"]) == 0
     ed = load_skill(skills / "ed.yaml")
     assert len(ed.selector_examples) == 5 + len(own) and ed.selector_prompt_shots == 2
+    # a knowledge skill gets none, and loses a block it had
+    shutil.copytree(pool / "ed", pool / "wow")
+    (skills / "wow.yaml").write_text(pool_shots.rewrite((SKILLS / "wow.yaml").read_text(encoding="utf-8"),
+                                                        pool_shots.pool_block("wow", 3, pool), 4), encoding="utf-8")
+    assert load_skill(skills / "wow.yaml").selector_prompt_shots == 4
+    assert pool_shots.main(["--skills", str(skills), "--pool", str(pool)]) == 0
+    assert (skills / "wow.yaml").read_text(encoding="utf-8") == (SKILLS / "wow.yaml").read_text(encoding="utf-8")
