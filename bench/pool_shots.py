@@ -21,6 +21,11 @@ these two development sets:
 | every one but wow | 0.819 / 0.679 | 0.676 | 10 of 57 (to wit now) |
 | every one but the knowledge skills (shipped) | 0.800 / 0.655 | 0.676 | 5 of 57 |
 
+Not shipped: on the 2-core Intel Xeon of 2026-12-05, `bench/turn.py` on the last variant against the code before it:
+time to first token p50 / p90 / max 0.46 / 1.34 / 2.00 s -> 0.64 / 2.42 / 3.16 and 0.60 / 1.96 / 2.82 (two runs), whole
+turn median 1.26 -> 1.80 and 2.00 s: every step after routing slowed too (the scored histories kept as conversation
+checkpoints hold the longer prompts' keys and values; not confirmed). The skill files in ``skills/`` carry no pool.
+
 (Earlier variants, every dataset skill: the 20 dialogues for the embedding ranking only 0.793; 4 pool shots instead
 of ours 0.811, 8 instead of ours 0.811 but worse on selector-dev's fit half, 4 before ours 0.807.) The shipped
 variant's cost: live-chat's empathetic turns go to msc more often (5 of 7, against 3 of 7 before).

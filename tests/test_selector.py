@@ -346,10 +346,9 @@ def test_selector_shots_deepens_the_history_selectors_prompts_only(tmp_path, lm)
     wow, ed = registry.get("wow"), registry.get("ed")
     assert history["wow"].shots == 9 and first["wow"].shots == wow.selector_shots == 2
     assert history["ed"].shots == 9 and first["ed"].shots == ed.selector_shots == 2
-    # without the setting: wow's 2 examples; ed's 2 and 4 of its selector examples (selector_prompt_shots)
     plain = {c.name: c for c in build_router(Settings.load(env={}, data_dir=tmp_path), registry, lm,
                                              HashingEmbedder()).selector.source()}
-    assert plain["wow"].shots == 2 and plain["ed"].shots == ed.selector_shots + ed.selector_prompt_shots == 6
+    assert plain["wow"].shots == plain["ed"].shots == 2  # without the setting: each skill's own count
     assert history["assistant"].shots == registry.get("assistant").selector_shots  # no more dialogues than that
     prefix = router.selector.prompt.prefix(history["wow"])
     assert all(SelectorLayout.load(s.prompts_dir / "selector.yaml").dialogue(d) in prefix

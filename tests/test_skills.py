@@ -202,10 +202,9 @@ def test_selector_examples_join_the_selectors_dialogues_but_never_the_reply_prom
     first_extra = wow.selector_examples[0]["dialogue"][0][0]
     assert candidate.shots == wow.selector_shots and candidate.examples[0][0][0] == wow.examples[0]["dialogue"][0][0]
     assert candidate.examples[len(wow.examples)][0][0] == first_extra  # after the examples: the prompt shots stay
-    # selector_prompt_shots (ed: the shot pool first in its selector examples): its prompt shows its 2 examples, then
-    # 4 selector examples; the rest follow. The last-message stage never takes selector examples.
-    ed = load_skill(SKILLS / "ed.yaml")
-    assert ed.selector_prompt_shots == 4
+    # selector_prompt_shots (ed with 4): its prompt shows its 2 examples, then 4 selector examples; the rest follow.
+    # The last-message stage never takes selector examples.
+    ed = load_skill(SKILLS / "ed.yaml").model_copy(update={"selector_prompt_shots": 4})
     own, pool = [e["dialogue"][0][0] for e in ed.examples], [e["dialogue"][0][0] for e in ed.selector_examples]
     pooled = candidates_from_skills([ed])[0]
     assert pooled.shots == ed.selector_shots + 4 == 6
@@ -378,11 +377,7 @@ def test_pool_shots_writes_the_pool_once_at_the_head_of_selector_examples(tmp_pa
     (pool / "ed" / "valid.json").write_text(json.dumps(records), encoding="utf-8")
     skills = tmp_path / "skills"
     skills.mkdir()
-    text = (SKILLS / "ed.yaml").read_text(encoding="utf-8")
-    start, end = text.index(pool_shots.BEGIN.split("{")[0]), text.index(pool_shots.END) + len(pool_shots.END) + 1
-    original = text[:start] + text[end:]  # the shipped file without its pool block
-    original = "\n".join(x for x in original.splitlines() if not x.startswith("selector_prompt_shots:")) + "\n"
-    (skills / "ed.yaml").write_text(original, encoding="utf-8")
+    (skills / "ed.yaml").write_text((SKILLS / "ed.yaml").read_text(encoding="utf-8"), encoding="utf-8")
     own = load_skill(skills / "ed.yaml").selector_examples
 
     args = ["--skills", str(skills), "--pool", str(pool), "--dialogues", "3"]
