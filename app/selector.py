@@ -186,11 +186,12 @@ def candidates_from_skills(skills: Iterable, selector_examples: bool = True) -> 
     out = []
     for s in skills:
         extra = s.selector_examples if selector_examples else []
-        shots, first = s.selector_shots, s.selector_prompt_shots
-        ordered = [*s.examples, *extra]
-        if extra and first:  # the prompt: the first selector_shots examples, then selector_prompt_shots of these
-            shown, more = s.examples[:shots], min(first, len(extra))
+        shots = s.selector_shots
+        if extra and s.selector_prompt_shots:  # the prompt: the first selector_shots examples, then that many of these
+            shown, more = s.examples[:shots], min(s.selector_prompt_shots, len(extra))
             ordered, shots = [*shown, *extra[:more], *s.examples[len(shown):], *extra[more:]], len(shown) + more
+        else:
+            ordered = [*s.examples, *extra]
         dialogues = tuple(to_dialogue(e["dialogue"]) for e in ordered if e.get("dialogue"))
         if dialogues and s.selector_shots > 0:  # selector_shots: 0 means "never chosen by the selector"
             out.append(Candidate(s.name, dialogues, shots, s.dataset or s.name, s.family))

@@ -67,10 +67,10 @@ def pool_block(label: str, n: int, pool: Path = POOL) -> list[str] | None:
 def drop(text: str) -> str:
     """``text`` without a pool block and its ``selector_prompt_shots``."""
     lines = text.splitlines()
-    if any(line.startswith(BEGIN.split("{")[0]) for line in lines):
-        start = next(i for i, line in enumerate(lines) if line.startswith(BEGIN.split("{")[0]))
-        end = lines.index(END, start)
-        del lines[start : end + 1]
+    marker = BEGIN.split("{")[0]
+    start = next((i for i, line in enumerate(lines) if line.startswith(marker)), None)
+    if start is not None:
+        del lines[start : lines.index(END, start) + 1]
     return "\n".join(line for line in lines if not line.startswith("selector_prompt_shots:")) + "\n"
 
 

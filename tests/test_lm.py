@@ -426,7 +426,7 @@ def test_fsb_pack_weights_decides_whether_the_weights_are_packed(tiny_lm, tmp_pa
     tiny_lm.model.save_pretrained(tmp_path)
     tiny_lm.tok.save_pretrained(tmp_path)
     offered = []
-    monkeypatch.setattr(decoding, "pack_linears", lambda model, **kw: offered.append(model) and None)
+    monkeypatch.setattr(decoding, "pack_linears", lambda model, **kw: offered.append(model))  # returns None: nothing packed
     for on in (False, True):
         settings = Settings.load(env={"FSB_PACK_WEIGHTS": "on" if on else "off"}, model=str(tmp_path), device="cpu",
                                  dtype="bfloat16", batching=False, data_dir=tmp_path / "data")
