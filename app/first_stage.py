@@ -126,6 +126,10 @@ class Constants(BaseModel):
     anchors: list[str] = Field(min_length=1)  # conversational skills whose scores stand for "just talking"
     safety: Gate
     turn: Gate
+    # The router's small-talk floor (`app.router`): a knowledge skill (kb, web, kg retriever) that the history selector
+    # chose gives the turn to the best chit-chat skill when the last message's turn vote is below this (nearly all of
+    # its nearest examples are small talk: "Are you a robot?", "What's your favourite food?"). None: off.
+    small_talk_floor: float | None = Field(default=None, ge=-1, le=1)
 
     @field_validator("content_free")
     @classmethod

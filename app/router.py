@@ -16,7 +16,10 @@ The stages, in order (the first that decides wins):
    the response skills from the recent dialogue. When its winner belongs to a family (one task split by domain: the
    booking skills), the last message alone may hand the turn to the sibling it clearly asks for (the family vote),
    or to a chat skill when it clearly leaves the task; when it belongs to none (small talk), to the task skill the
-   message clearly asks for (a chat turning into a task).
+   message clearly asks for (a chat turning into a task). When its winner is a knowledge skill (a kb, web or kg
+   retriever) but the last message alone is clearly small talk (the first stage's turn vote below
+   ``small_talk_floor``, ``prompts/first-stage.yaml``), the best chit-chat skill takes the turn instead: "Are you
+   a robot?" is not a question for the knowledge graph.
 6. **The default skill**, when no selector is configured.
 
 `Route` records the outcome (skill, method, scores, why) for the turn trace.
@@ -27,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .selector import turn_level
+from .selector import TURN_LEVEL_RETRIEVERS, turn_level
 from .skills import Skill, SkillRegistry
 
 
@@ -140,9 +143,35 @@ class Router:
                 asks = (f"its sibling {selection.skill}" if was and was == now else
                         f"the task skill {selection.skill}" if now else f"{selection.skill}, not a task")
                 why = f"the history selector chose {moved}; the last message asks for {asks} (the family vote)"
-            return Route(self.skill(selection.skill), selection.method, why,
-                         scores=dict(selection.scores), first_stage=first, selection=selection.trace())
+            chosen, trace = self.skill(selection.skill), selection.trace()
+            chat = self._small_talk_skill(chosen, first, selection.scores)
+            if chat is not None:
+                why = (f"the history selector chose {chosen.name}, a knowledge skill, but the last message is small "
+                       f"talk (turn vote {first['vote']['turn']} < {self._small_talk_floor()}): the best chit-chat "
+                       f"skill takes it")
+                trace["small_talk_from"] = chosen.name
+                chosen = chat
+            return Route(chosen, selection.method, why, scores=dict(selection.scores), first_stage=first,
+                         selection=trace)
         return Route(self.skill(None), "default", "no selector is configured", first_stage=first)
+
+    def _small_talk_floor(self) -> float | None:
+        data = getattr(self.first_stage, "data", None)
+        return getattr(getattr(data, "constants", None), "small_talk_floor", None)
+
+    def _small_talk_skill(self, chosen: Skill, first: dict | None, scores) -> Skill | None:
+        """Stage 5's small-talk floor: the chit-chat skill that takes a turn the history selector gave to a knowledge
+        skill (kb, web or kg retriever) although the last message alone is clearly small talk (the first stage's
+        turn vote below ``small_talk_floor``): the best-scored response skill that is neither turn-level nor part of
+        a task family. None: the selector's choice stands."""
+        floor = self._small_talk_floor()
+        vote = ((first or {}).get("vote") or {}).get("turn")
+        if floor is None or vote is None or vote >= floor or chosen.retriever not in TURN_LEVEL_RETRIEVERS:
+            return None
+        scores = dict(scores)
+        chat = [n for n in scores if n in self.skills and (s := self.skills.get(n)).kind == "response"
+                and not turn_level(s) and not s.family]
+        return self.skills.get(max(chat, key=lambda n: scores[n])) if chat else None
 
     def flagged(self, message: str) -> Skill | None:
         """The safety skill that would decline ``message`` as a turn of its own, whatever skill is forced."""

@@ -456,3 +456,52 @@ def test_grooming_a_child_is_declined_and_grooming_a_cat_or_oneself_is_not(stage
     d = stage.decide(message)
     assert (d.action == DECLINE) == declined, d.trace()
 
+class _Stage:
+    """A first stage that passes every message, with a given turn vote and small-talk floor."""
+
+    def __init__(self, vote: float, floor: float | None):
+        from types import SimpleNamespace
+
+        self.vote, self.data = vote, SimpleNamespace(constants=SimpleNamespace(small_talk_floor=floor))
+
+    def decide(self, message):
+        from types import SimpleNamespace
+
+        trace = {"skill": "persona", "decision": "pass", "scores": {}, "vote": {"safety": -1.0, "turn": self.vote}}
+        return SimpleNamespace(skill=None, trace=lambda: trace)
+
+
+class _Selector:
+    """A history selector that always chose the knowledge-graph skill, a booking skill and two chat skills behind."""
+
+    def select(self, dialogue):
+        from types import SimpleNamespace
+
+        scores = [("dialkg", -1.5), ("mwoz-hotel", -1.6), ("ed", -1.9), ("persona", -2.1)]
+        return SimpleNamespace(skill="dialkg", method="hybrid", scores=scores, trace=lambda: {}, moved_from=None)
+
+
+@pytest.mark.parametrize("vote, floor, skill", [(-1.0, -0.85, "ed"), (-0.5, -0.85, "dialkg"), (-1.0, None, "dialkg")])
+def test_the_small_talk_floor_gives_small_talk_back_to_a_chat_skill(vote, floor, skill):
+    """A knowledge skill the history selector chose keeps the turn unless the turn vote is below the floor; then the
+    best-scored chit-chat skill takes it (never a booking skill, though it scored higher), and the trace says why."""
+    from app.router import Router
+    from app.skills import SkillRegistry
+
+    route = Router(SkillRegistry(REPO_ROOT / "skills"), selector=_Selector(), first_stage=_Stage(vote, floor)).route(
+        [["I loved Inception.", "Me too, Nolan's best."], ["Are you a robot?", ""]])
+    assert route.skill.name == skill
+    assert ("small_talk_from" in route.selection) == (skill != "dialkg")
+    assert ("small talk" in route.why) == (skill != "dialkg")
+
+
+@pytest.mark.parametrize("message, small_talk", [("Are you a robot?", True), ("What's your favourite food?", True),
+                                                 ("Which is the biggest volcano on Earth?", False),
+                                                 ("Who else starred in it besides DiCaprio?", False)])
+def test_the_shipped_floor_holds_back_questions_about_the_bot_and_not_questions_for_knowledge(stage, message,
+                                                                                               small_talk):
+    """With the shipped examples and ``prompts/first-stage.yaml``'s floor, questions about the bot vote below it (a
+    knowledge skill the history chose gives them up) and questions that ask for knowledge do not."""
+    floor = stage.data.constants.small_talk_floor
+    assert floor is not None
+    assert (stage.decide(message).evidence.vote_turn < floor) == small_talk
