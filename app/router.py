@@ -147,31 +147,27 @@ class Router:
             chat = self._small_talk_skill(chosen, first, selection.scores)
             if chat is not None:
                 why = (f"the history selector chose {chosen.name}, a knowledge skill, but the last message is small "
-                       f"talk (turn vote {first['vote']['turn']} < {self._small_talk_floor()}): the best chit-chat "
-                       f"skill takes it")
+                       f"talk (turn vote {first['vote']['turn']} < {self.first_stage.data.constants.small_talk_floor})"
+                       f": the best chit-chat skill takes it")
                 trace["small_talk_from"] = chosen.name
                 chosen = chat
             return Route(chosen, selection.method, why, scores=dict(selection.scores), first_stage=first,
                          selection=trace)
         return Route(self.skill(None), "default", "no selector is configured", first_stage=first)
 
-    def _small_talk_floor(self) -> float | None:
-        data = getattr(self.first_stage, "data", None)
-        return getattr(getattr(data, "constants", None), "small_talk_floor", None)
-
     def _small_talk_skill(self, chosen: Skill, first: dict | None, scores) -> Skill | None:
         """Stage 5's small-talk floor: the chit-chat skill that takes a turn the history selector gave to a knowledge
         skill (kb, web or kg retriever) although the last message alone is clearly small talk (the first stage's
         turn vote below ``small_talk_floor``): the best-scored response skill that is neither turn-level nor part of
         a task family. None: the selector's choice stands."""
-        floor = self._small_talk_floor()
+        data = getattr(self.first_stage, "data", None)  # a stand-in first stage has no constants: no floor
+        floor = getattr(getattr(data, "constants", None), "small_talk_floor", None)
         vote = ((first or {}).get("vote") or {}).get("turn")
         if floor is None or vote is None or vote >= floor or chosen.retriever not in TURN_LEVEL_RETRIEVERS:
             return None
-        scores = dict(scores)
-        chat = [n for n in scores if n in self.skills and (s := self.skills.get(n)).kind == "response"
-                and not turn_level(s) and not s.family]
-        return self.skills.get(max(chat, key=lambda n: scores[n])) if chat else None
+        chat = [(v, s) for n, v in dict(scores).items() if n in self.skills
+                and (s := self.skills.get(n)).kind == "response" and not turn_level(s) and not s.family]
+        return max(chat, key=lambda vs: vs[0])[1] if chat else None
 
     def flagged(self, message: str) -> Skill | None:
         """The safety skill that would decline ``message`` as a turn of its own, whatever skill is forced."""

@@ -88,22 +88,18 @@ def grid(path: str) -> None:
     for w in (0.25, 0.5, 0.75, 1.0):
         for t in (-0.1, -0.05, 0.0, 0.05, 0.1, 0.15, 0.18):
             show(f"w {w} t {t}", gates(w, t))
-    rows = [(e, u) for rs in evidence.values() for e, u in rs]
-    for w, t in ((c0.safety.weight, c0.safety.threshold),):
-        full = gates(w, t)
-        up = down = 0.0
-        for e, _ in rows:
-            declined, m = decide(e, kinds, full).action == DECLINE, e.vote_safety - t
-            if declined and m < 0:
-                down = max(down, -m)
-            if not declined and m > 0:
-                up = max(up, m)
-        c = gates(w, t, (round(up + 0.005, 3), round(down + 0.005, 3)))
-        need = sum(lm_needed(c, e.vote_safety, e.vote_turn) for e, _ in rows)
-        same = sum((decide(e, kinds, c).action == DECLINE) == (decide(e, kinds, full).action == DECLINE) for e, _ in rows)
-        print(f"cascade for weight {w}, threshold {t}: sure_above {c.safety.sure_above}, sure_below "
-              f"{c.safety.sure_below}; the LM scores {need} of {len(rows)} messages; {same} decisions as without it")
-
+    # the cascade for the shipped gates: the largest distance from the threshold at which the LM overturned the vote
+    rows = [e for rs in evidence.values() for e, _ in rs]
+    w, t = c0.safety.weight, c0.safety.threshold
+    full = gates(w, t)
+    declined = [decide(e, kinds, full).action == DECLINE for e in rows]
+    up = max([e.vote_safety - t for e, d in zip(rows, declined) if not d and e.vote_safety > t], default=0.0)
+    down = max([t - e.vote_safety for e, d in zip(rows, declined) if d and e.vote_safety < t], default=0.0)
+    c = gates(w, t, (round(up + 0.005, 3), round(down + 0.005, 3)))
+    need = sum(lm_needed(c, e.vote_safety, e.vote_turn) for e in rows)
+    same = sum((decide(e, kinds, c).action == DECLINE) == d for e, d in zip(rows, declined))
+    print(f"cascade for weight {w}, threshold {t}: sure_above {c.safety.sure_above}, sure_below "
+          f"{c.safety.sure_below}; the LM scores {need} of {len(rows)} messages; {same} decisions as without it")
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in ("score", "grid"):
