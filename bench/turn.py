@@ -37,6 +37,10 @@ What it does:
    (``--same-work``); the sweep's tokens/s over this one's is what concurrency gains on equal work, where the ratio
    to the one-client sweep also compares different conversations.
 
+The sweeps replay the scripted conversations; before each sweep and the same-work run the in-process server drops
+its conversation checkpoints, so that no phase finds routing scores or prefills an earlier one computed for the same
+text (a server at ``--url`` keeps them: its sweeps measure less routing work than new chats pay).
+
 Against ``--url`` there is no way to create an empty session over the API, so the turns go stateless (the whole
 history in ``messages``) and the step breakdown is empty unless the stream carries the trace itself. Progress goes
 to stderr; ``--json`` prints one JSON object on stdout. Not a test (tests/test_bench_turn.py runs a tiny version).
@@ -212,6 +216,13 @@ class InProcessServer:
 
     def new_session(self, user: str) -> str:
         return self.bot.store.create_session(user=user, title="bench/turn.py")
+
+    def forget_checkpoints(self) -> int:
+        """Drop the model's conversation checkpoints (the skills' constant prefixes stay cached). The sweeps replay the
+        scripted conversations: without this, a phase would find their routing scores and prefills already computed
+        by an earlier phase and measure less work than a new chat pays. Returns how many were dropped."""
+        cache = getattr(self.bot.lm, "prefix_cache", None)
+        return cache.clear_checkpoints() if hasattr(cache, "clear_checkpoints") else 0
 
     def close(self) -> None:
         self.server.should_exit = True
@@ -711,11 +722,15 @@ def main(argv: list[str] | None = None) -> None:
 
         for n in clients:
             say(f"[turn] sweep: {n} clients …")
+            if server is not None:  # each phase pays for its routing and prefill, as new chats would
+                server.forget_checkpoints()
             sweeps.append(sweep(url, server, conversations, n, args.sweep_turns, args.sweep_seconds,
                                 args.max_tokens))
         same_n = max(clients, default=0) if args.same_work is None else args.same_work
         if same_n > 0 and not args.sweep_seconds:
             say(f"[turn] the {same_n} clients' turns, one client after another …")
+            if server is not None:
+                server.forget_checkpoints()
             same_work = same_work_serially(url, server, conversations, same_n, args.sweep_turns, args.max_tokens)
         if server is not None and server.search.requests == 0 and any(r["type"] == "web" for r in results):
             notes.append("the stand-in search engine got no request")

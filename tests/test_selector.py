@@ -116,6 +116,13 @@ def test_a_growing_history_is_scored_from_its_checkpoint_with_the_same_scores():
         fed.clear()
         assert lm.score_prefixes(PREFIXES[1:], history, checkpoint=True) == pytest.approx(got, abs=1e-5)
         assert fed == []
+        # checkpoints dropped (bench/turn.py between phases): the same history costs a whole pass again, while the
+        # constant prefixes stay cached (one pass over the history, not over the prompts)
+        assert lm.prefix_cache.clear_checkpoints() > 0 and lm.prefix_cache.checkpoint_held == 0
+        fed.clear()
+        assert lm.score_prefixes(PREFIXES[1:], history, checkpoint=True) == pytest.approx(got, abs=1e-4)
+        assert fed == [(len(PREFIXES) - 1, total - 1)]
+        fed.clear()
         # without checkpoint=True nothing is looked up
         assert lm.score_prefixes(PREFIXES[1:], history) == pytest.approx(got, rel=1e-5, abs=1e-4)
         assert fed == [(3, total - 1)]

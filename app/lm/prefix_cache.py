@@ -150,6 +150,16 @@ class PrefixCache:
         """Bytes the checkpoints hold now."""
         return self._checkpoint_held
 
+    def clear_checkpoints(self) -> int:
+        """Drop every conversation checkpoint (the constant prefixes stay); returns how many were dropped. A
+        benchmark calls this between phases that replay the same conversations, so that no phase scores or prefills
+        text an earlier phase already did."""
+        with self._lock:
+            n = len(self._checkpoints)
+            self._checkpoints.clear()
+            self._checkpoint_held = 0
+            return n
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
