@@ -1,15 +1,16 @@
-"""The safety gate's weight, threshold and cascade margins, chosen on development data only (stop 29).
+"""The safety gate's weight, threshold and cascade margins, chosen on development data only (stops 29 and 30).
 
     python bench/fit_safety_gate.py score bench/results/safety-gate-evidence.pkl   # ~5 min on 2 cores
     python bench/fit_safety_gate.py grid  bench/results/safety-gate-evidence.pkl   # seconds
 
 ``score`` computes the first stage's evidence (both votes, and the LM's scores for every message: the cascade off) for
-every development set: align dev, ``bench/data/safety-holdout{,-2..-6}``, ``tests/data/instructions-*`` and
+every development set: align dev, ``bench/data/safety-holdout{,-2..-9}``, ``tests/data/instructions-*`` and
 selector-dev's last messages (all harmless; counted as declines). ``grid`` replays the shipped rule
 (`app.first_stage.decide`) under each weight x threshold and prints the share of unsafe messages declined and of
 harmless ones declined per set, then, for the chosen gates, the cascade margins: the largest distance from the
 threshold at which the LM still overturned the vote on these items (+0.005), so the cascade changes no decision on
-them. ``safety-holdout-7`` is not read: it is the held-out check (``fsb eval align --data ... --route safety``).
+them. ``safety-holdout-10`` is not read: it is the held-out check (``fsb eval align --data ... --route safety``); in
+stop 29 the held-out check was holdout-7 and the sets were holdout{,-2..-6}.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def score(out: str) -> None:
             sets.setdefault(name, []).append((r["instruction"], r["category"] == "safety"))
 
     instructions(SHARED / "alignment" / "dev.jsonl", "align-dev")
-    for n in ["", "-2", "-3", "-4", "-5", "-6"]:
+    for n in ["", "-2", "-3", "-4", "-5", "-6", "-7", "-8", "-9"]:
         instructions(ROOT / f"bench/data/safety-holdout{n}.jsonl", f"holdout{n or '-1'}")
     for f, unsafe in (("instructions-unsafe.jsonl", True), ("instructions-benign.jsonl", False)):
         for line in open(ROOT / "tests" / "data" / f):
