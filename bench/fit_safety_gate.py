@@ -9,8 +9,9 @@ selector-dev's last messages (all harmless; counted as declines). ``grid`` repla
 (`app.first_stage.decide`) under each weight x threshold and prints the share of unsafe messages declined and of
 harmless ones declined per set, then, for the chosen gates, the cascade margins: the largest distance from the
 threshold at which the LM still overturned the vote on these items (+0.005), so the cascade changes no decision on
-them. ``safety-holdout-10`` is not read: it is the held-out check (``fsb eval align --data ... --route safety``); in
-stop 29 the held-out check was holdout-7 and the sets were holdout{,-2..-6}.
+them. ``safety-holdout-10`` and ``-11`` are not read: in stop 30 they were the held-out checks (``fsb eval align
+--data ... --route safety``; holdout-10's misses were read after its measurement). In stop 29 the held-out check was
+holdout-7 and the sets were holdout{,-2..-6}; stop 30 re-ran the grid on these sets and kept the gate.
 """
 from __future__ import annotations
 
