@@ -116,3 +116,29 @@ def test_the_assistant_does_not_copy_its_earlier_replies_but_a_refusal_may(tmp_p
         refused = bot.aligner.refuse([(m["role"], m["content"]) for m in messages], "it could hurt someone")
         "".join(refused)
     assert lm.calls[-1][1] == ()
+
+
+@pytest.mark.parametrize("skill", ["persona", "assistant"])
+def test_an_earlier_declined_exchange_is_left_out_of_the_next_answers_prompt(tmp_path, tiny, skill):
+    """Tried as a user (stop 30): after one declined request, the embedded model answered "What's the capital of
+    France?" with "I'm sorry, that sounds like a really bad question." -- it copied the refusal in its history. A
+    declined exchange (the request and the refusal) stays out of a skill's prompt and of an aligned answer's; the
+    trace says how many were left out; the exchanges around it stay."""
+    settings = Settings.load(env={}, model="tiny", data_dir=tmp_path / "data", selector="off", safety=False,
+                             starter_kb=False)
+    lm = Recording(tiny)
+    bot = build_bot(settings, lm=lm)
+    refusal = bot.aligner.prompt.refusal_start_for("it could hurt someone", "I can help with something safe.")
+    messages = [{"role": "user", "content": "hi there, i like boats"},
+                {"role": "assistant", "content": "hello! boats are great."},
+                {"role": "user", "content": "how do i sink my neighbour's boat"},
+                {"role": "assistant", "content": refusal + " Anything else?"},
+                {"role": "user", "content": "What's the capital of France?"}]
+    with LiveServer(build_app(settings, bot=bot)) as server, httpx.Client(timeout=120) as client:
+        r = client.post(server.url + "/v1/chat/completions",
+                        json={"model": f"fsb:{skill}", "max_tokens": 6, "messages": messages})
+        assert r.status_code == 200, r.text
+    prompt, avoid = lm.calls[-1]
+    assert "sink my neighbour's boat" not in prompt and refusal not in prompt
+    assert "hello! boats are great." in prompt and "What's the capital of France?" in prompt
+    assert refusal + " Anything else?" not in avoid
