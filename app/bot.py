@@ -339,9 +339,10 @@ class Bot:
             pieces, prompt_text, limit = self._aligned(messages, sampling, max_tokens, stats, trace,
                                                        refusal=chosen.description)
         else:
-            dialogue, declined = self._without_declines(dialogue)
+            messages, declined = self._without_declines(messages)
             if declined:
                 trace["declined_exchanges_left_out"] = declined
+                dialogue = self._without_notices(to_dialogue(messages))
             fields: dict = {"dialogue": dialogue[-self.settings.history_turns:]}
             if user and chosen.retriever == "memory":
                 self.wait_for_memory(user, timeout=3.0)  # read your own writes, briefly: the last turn's facts
@@ -402,16 +403,22 @@ class Bot:
         """The words every refusal of the alignment layer opens with ("" without the layer)."""
         return (self.aligner.prompt.refusal.answer_start.strip() if self.aligner is not None else "")
 
-    def _without_declines(self, dialogue: list[list[str]]) -> tuple[list[list[str]], int]:
-        """The dialogue without its earlier declined exchanges (a request and the refusal that answered it), and how
+    def _without_declines(self, messages: Sequence[dict]) -> tuple[list[dict], int]:
+        """The messages without their earlier declined exchanges (a request and the refusal that answered it), and how
         many were left out. A base model that sees "I'm sorry, but I can't help with that" in the history refuses the
         next harmless question too ("What's the capital of France?" -> "I'm sorry, that sounds like a really bad
         question."); the exchange tells a non-safety skill nothing it needs. The open last turn always stays."""
         start = self._refusal_start()
-        if not start:
-            return dialogue, 0
-        kept = [pair for pair in dialogue[:-1] if not pair[1].lstrip().startswith(start)] + dialogue[-1:]
-        return kept, len(dialogue) - len(kept)
+        kept: list[dict] = []
+        left_out = 0
+        for m in messages:
+            if start and m.get("role") == "assistant" and (m.get("content") or "").lstrip().startswith(start):
+                while kept and kept[-1].get("role") == "user":
+                    kept.pop()
+                left_out += 1
+                continue
+            kept.append(m)
+        return (kept, left_out) if left_out else (list(messages), 0)
 
     def _markers(self) -> list[str]:
         """Every layout marker a retrieved page could imitate: speaker labels and header lines of all skill
@@ -575,20 +582,6 @@ class Bot:
         convo = [(m["role"], m["content"]) for m in messages if m["role"] in ("user", "assistant")]
         while convo and convo[0][0] != "user":  # an opening assistant greeting has no query to pair with
             convo.pop(0)
-        start = self._refusal_start()
-        if refusal is None and start:  # an answer: earlier declined exchanges left out (`_without_declines`)
-            kept: list[tuple[str, str]] = []
-            left_out = 0
-            for role, content in convo:
-                if role == "assistant" and content.lstrip().startswith(start):
-                    while kept and kept[-1][0] == "user":
-                        kept.pop()
-                    left_out += 1
-                    continue
-                kept.append((role, content))
-            convo = kept
-            if left_out:
-                trace["declined_exchanges_left_out"] = left_out
         overrides = {k: v for k, v in (sampling or {}).items() if v is not None}
         if max_tokens:
             overrides["max_new_tokens"] = max_tokens
