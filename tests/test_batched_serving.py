@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from app.lm import LMError, Sampling, complete, load_lm
 from app.settings import Settings
@@ -86,9 +87,31 @@ def test_load_lm_serves_through_one_shared_batch(lm):
     assert got == expected  # token for token, and the same stats ({"tokens", "finish"})
     assert all(text for text, _ in got)
     assert lm.scheduler.max_rows_seen == len(JOBS)  # all six decoded together...
-    # ...in about as many forward passes as the longest chat alone needs, not one pass per token of every chat
-    assert lm.scheduler.steps - steps_before <= max(n for *_, n in JOBS) < sum(n for *_, n in JOBS) / 3
+    # ...in about as many forward passes as the longest chat alone needs, not one pass per token of every chat (plus
+    # one: the chats that joined a running batch take their first token from a shared step, not from their prefill)
+    assert lm.scheduler.steps - steps_before <= max(n for *_, n in JOBS) + 1 < sum(n for *_, n in JOBS) / 3
     assert lm.scheduler.running == 0
+
+
+def test_a_chat_that_joins_a_running_batch_skips_the_output_layer_in_its_prefill(lm, monkeypatch):
+    """Only the first chat's prefill computes logits; the chats admitted while rows are running prefill all but their
+    last prompt token through the model's body (no output layer: no logits kept) and take their first token from the
+    next shared step -- and every chat still gets exactly what it gets alone."""
+    expected = [solo(lm, p, prefix=x, max_new_tokens=n) for p, x, n in JOBS[:5]]
+    runner, prefills = lm.inner.runner, []
+    forward = runner.forward
+
+    def recording(ids, *a, keep=1, decode=False, **kw):
+        if not decode:
+            prefills.append("body" if torch.is_tensor(keep) and keep.numel() == 0 else "logits")
+        return forward(ids, *a, keep=keep, decode=decode, **kw)
+
+    monkeypatch.setattr(runner, "forward", recording)
+    lm.inner.prefix_cache.clear()  # every prefix is encoded again: one prefill forward per chat at least
+    got = run_together(lm, [client(lm, p, prefix=x, max_new_tokens=n) for p, x, n in JOBS[:5]])
+    assert got == expected
+    assert prefills.count("body") == 4  # four chats joined the running batch
+    assert prefills.count("logits") == 3  # the first chat's prompt, and the two prefixes the cache encodes
 
 
 def test_stop_strings_cut_each_row_where_they_cut_alone(lm):

@@ -339,6 +339,33 @@ def chat_prompt(turns):
     return PREFIX + "\n".join(lines + [f"User: {turns[-1][0]}", "Assistant:"])
 
 
+def test_a_body_only_prefill_keeps_a_checkpoint_without_logits_that_later_prefills_still_use():
+    """``prefill(head=False)`` (a chat joining a running batch) computes no logits at all, and the checkpoint it
+    stores keeps none; the next turn still starts from it, and a prompt that is exactly that checkpoint feeds its last
+    token again instead of returning logits it does not have. Every cache and logits equal a plain forward's."""
+    from app.lm.tiny import build_tiny_lm, default_corpus
+
+    lm = build_tiny_lm(default_corpus(), checkpoint_mb=64)
+    turns = [["hi there", "hello, I like tea."], ["what do you like?", ""]]
+    ids, prefix_len = lm.encode(chat_prompt(turns), PREFIX)
+    cache, logits = lm.runner.prefill(ids, prefix_len, head=False)
+    assert logits is None
+    checkpoint = lm.prefix_cache.longest_checkpoint(ids)
+    assert checkpoint is not None and checkpoint.last_logits is None
+    _, after = lm.runner.forward(torch.tensor([[ids[-1]]]), cache, positions=torch.tensor([[len(ids)]]))
+    with torch.inference_mode():
+        want = lm.model(input_ids=torch.tensor([ids + ids[-1:]])).logits[0, -1]
+    assert torch.allclose(after[0, -1].float(), want.float(), atol=1e-4)
+    exact = list(checkpoint.ids)
+    _, logits = lm.runner.prefill(exact, prefix_len)
+    with torch.inference_mode():
+        want = lm.model(input_ids=torch.tensor([exact])).logits[0, -1]
+    assert torch.allclose(logits.float(), want.float(), atol=1e-4)
+    hits = lm.prefix_cache.checkpoint_hits
+    _, logits = lm.runner.prefill(lm.encode(chat_prompt([turns[0], ["and bread?", ""]]), PREFIX)[0], prefix_len)
+    assert lm.prefix_cache.checkpoint_hits == hits + 1  # the next turn starts from the logit-less checkpoint
+
+
 def test_the_next_turn_prefills_only_what_is_new_and_gets_the_same_logits():
     """Turn after turn of one conversation: each prefill starts from the previous turn's checkpoint (the prompt up
     to its last two lines), feeds only the tokens after it, and gives the logits of a plain prefill of the whole

@@ -252,6 +252,14 @@ class BatchScheduler:
         if stream.done:
             self._finish(row)
             return None
+        if self._rows and prefix_len < len(ids) - 1:
+            # Joining a running batch: the prompt but its last token goes through the model's body alone, and that
+            # token is fed with the batch's next step, which chooses this row's first token with everyone else's.
+            # The output layer (most of a small model's weights: gemma-3-270m's is 168M of 268M parameters) is
+            # then read once per step for all rows instead of once more for this prefill.
+            cache, _ = self.runner.prefill(ids[:-1], prefix_len, head=False)  # batch 1, len(ids) - 1 slots
+            row.pos, row.token = len(ids) - 1, ids[-1]
+            return row, cache
         cache, logits = self.runner.prefill(ids, prefix_len)  # cache: batch 1, len(ids) slots; logits [V]
         self._advance(row, choose_one(logits, stream.generated, req.sampling, row.rng, stream.banned()))
         if stream.done or req.cancelled.is_set():

@@ -103,7 +103,7 @@ class ModelRunner:
             self.prefix_cache.put(entry)
         return entry
 
-    def prefill(self, ids: list[int], prefix_len: int):
+    def prefill(self, ids: list[int], prefix_len: int, head: bool = True):
         """A private KV cache after ``ids`` (batch 1) and the last position's logits [V], reusing what is cached.
 
         It starts from the longest conversation checkpoint that ``ids`` begin with (the previous turn's prompt up to its
@@ -111,15 +111,23 @@ class ModelRunner:
         ``ids`` start their last two lines (`checkpoint_at`): the next turn of the same conversation repeats that text
         and prefills only what follows it. A checkpoint is found by its token ids alone, so one that the next prompt
         does not repeat exactly (other knowledge, a shorter history window) is simply never used.
+
+        ``head=False`` runs the model's body only and returns ``(cache, None)``: no output layer at all, for a caller
+        that feeds the next token itself (`BatchScheduler` joins a running batch that way: the output layer is most
+        of a small model's weights, read once per forward pass). Checkpoints stored then keep no logits: a prefill of
+        exactly such a checkpoint's tokens starts from a shorter one and feeds at least the last token.
         """
         start = None
         if self.prefix_cache.checkpoint_bytes > 0:
             start = self.prefix_cache.longest_checkpoint(ids, longer_than=prefix_len)
+            if start is not None and head and start.last_logits is None and len(start.ids) == len(ids):
+                start = self.prefix_cache.longest_checkpoint(ids[:-1], longer_than=prefix_len)  # feeds the last one
         if start is None and prefix_len and self.prefix_cache.capacity > 0:
             start = self.cached_prefix(tuple(ids[:prefix_len]))
         done = len(start.ids) if start is not None else 0
         cache = start.fork() if start is not None else None
-        logits = start.last_logits if start is not None else None
+        logits = start.last_logits if start is not None and head else None
+        none = torch.zeros(0, dtype=torch.long)  # logits_to_keep: no position
         cut = self.checkpoint_at(ids, done)
         if cut is not None and cut < len(ids) and _can_record(cache):
             # One forward over the rest; the checkpoint is the cache cut back to ``cut`` (sliding-window layers record
@@ -127,18 +135,18 @@ class ModelRunner:
             for layer in cache.layers:
                 if getattr(layer, "is_sliding", False):
                     layer.activate_past_recording()
-            keep = torch.tensor([cut - done - 1, len(ids) - done - 1])
+            keep = torch.tensor([cut - done - 1, len(ids) - done - 1]) if head else none
             cache, out = self.forward(torch.tensor([ids[done:]]), cache, keep=keep)
             checkpoint = _cut_back(cache, len(ids) - cut, cut)
-            self.prefix_cache.put_checkpoint(CachedPrefix(tuple(ids[:cut]), checkpoint, out[0, 0]))
-            return cache, out[0, -1]
+            self.prefix_cache.put_checkpoint(CachedPrefix(tuple(ids[:cut]), checkpoint, out[0, 0] if head else None))
+            return cache, out[0, -1] if head else None
         if cut is not None:  # no cache to start from (or layers that cannot record): two forwards
-            cache, out = self.forward(torch.tensor([ids[done:cut]]), cache)
-            logits, done = out[0, -1], cut
+            cache, out = self.forward(torch.tensor([ids[done:cut]]), cache, keep=1 if head else none)
+            logits, done = out[0, -1] if head else None, cut
             self.prefix_cache.put_checkpoint(CachedPrefix(tuple(ids[:cut]), compact(fork_cache(cache)), logits))
         if done < len(ids):
-            cache, out = self.forward(torch.tensor([ids[done:]]), cache)
-            logits = out[0, -1]
+            cache, out = self.forward(torch.tensor([ids[done:]]), cache, keep=1 if head else none)
+            logits = out[0, -1] if head else None
         return cache, logits
 
     def checkpoint_at(self, ids: Sequence[int], done: int) -> int | None:
