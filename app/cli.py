@@ -51,9 +51,12 @@ def cli(ctx: click.Context) -> None:
 @click.pass_context
 def serve(ctx, host, port, **opts) -> None:
     """Serve the web chat at / and the HTTP API (/v1/chat/completions, /api/chat) on one port."""
-    from .server import serve as run
+    from .server import AddressUnavailable, serve as run
 
-    run(settings_from(ctx, host=host, port=port, **opts))
+    try:
+        run(settings_from(ctx, host=host, port=port, **opts))
+    except AddressUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command()

@@ -1,7 +1,9 @@
 """Building the service from settings: model, skills, storage, the bot, the HTTP API and the web chat on one app."""
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import sys
 import threading
 import time
@@ -111,12 +113,45 @@ def warm_up(bot, state: dict) -> None:
             bar.close()
 
 
+class AddressUnavailable(RuntimeError):
+    """The server cannot listen where it was asked to (the port is taken, or the address is not this machine's)."""
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port``, taken before the model loads: a port that is already in use fails at once
+    with what to do, instead of after the load with uvicorn's error and a crash of the threads still loading.
+
+    Raises:
+        AddressUnavailable: with the reason and how to pick another port.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)  # as uvicorn does
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = (exc.strerror or str(exc)).lower()
+        hint = (f"another server (an earlier `fsb serve`?) is using it: stop that one, or pick another port with "
+                f"--port {port + 1} or FSB_PORT={port + 1}" if exc.errno == errno.EADDRINUSE
+                else "use an address of this machine (--host 127.0.0.1, or 0.0.0.0 for every interface)")
+        raise AddressUnavailable(f"cannot listen on {host}:{port}: {reason}; {hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(settings: Settings) -> None:
+    """Serve until interrupted. The address is taken first, then the model loads (minutes on a first run).
+
+    Raises:
+        AddressUnavailable: the host and port cannot be bound (nothing is loaded then).
+    """
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = listening_socket(settings.host, settings.port)
     print(f"[fsb] loading model {settings.model} …", file=sys.stderr, flush=True)
     app = build_app(settings, warm="background")
     print(f"[fsb] serving on http://{settings.host}:{settings.port}/  (API: /v1/chat/completions, docs: /docs)",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.Server(config).run(sockets=[sock])

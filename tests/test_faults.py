@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -60,6 +61,23 @@ def test_a_database_locked_by_another_process_gives_a_clean_503_then_recovers(se
             holder.wait(timeout=30)
         r = httpx.post(server.url + "/api/chat", json={"message": "and now?"})
         assert r.status_code == 200
+
+
+def test_a_port_already_in_use_fails_at_once_and_says_what_to_do(tmp_path):
+    """`python server.py` on a taken port: exit status 1 before anything loads, with the reason and another port to
+    try (it used to load the model, print uvicorn's error, and abort with "terminate called without an active
+    exception" from the threads still warming up)."""
+    port = free_port()
+    env = {**os.environ, "FSB_MODEL": "tiny", "FSB_DATA_DIR": str(tmp_path / "data"), "FSB_LOG_LEVEL": "warning"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        proc = subprocess.run([sys.executable, "server.py", "--port", str(port)], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in proc.stderr
+    assert f"--port {port + 1}" in proc.stderr and f"FSB_PORT={port + 1}" in proc.stderr
+    assert "loading model" not in proc.stderr and "terminate called" not in proc.stderr
 
 
 def start_server(port: int, data_dir) -> subprocess.Popen:
