@@ -57,6 +57,8 @@ def serve(ctx, host, port, **opts) -> None:
         run(settings_from(ctx, host=host, port=port, **opts))
     except AddressUnavailable as exc:
         raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:  # Ctrl-C: the server already stopped in order; the usual status, no "Aborted!"
+        raise SystemExit(130) from None
 
 
 @cli.command()

@@ -74,7 +74,10 @@ def build_app(settings: Settings, lm=None, bot=None, warm: str = "now"):
     if warm == "now":
         warm_up(bot, svc.warming)
     elif warm == "background":
-        threading.Thread(target=warm_up, args=(bot, svc.warming), name="fsb-warm", daemon=True).start()
+        stop = threading.Event()
+        thread = threading.Thread(target=warm_up, args=(bot, svc.warming, stop), name="fsb-warm", daemon=True)
+        app.state.fsb_warm_up = (thread, stop)  # `stop_warm_up` ends it when the server stops
+        thread.start()
     keys = svc.keys
     # With API keys on, the web chat asks for a login: user name and that user's key (Gradio then guards its own
     # routes, the queue and file routes included).
@@ -83,8 +86,13 @@ def build_app(settings: Settings, lm=None, bot=None, warm: str = "now"):
                                auth_message="Sign in with your user name and API key." if keys else None)
 
 
-def warm_up(bot, state: dict) -> None:
-    """`Bot.warm` with a progress bar on a terminal (a line per quarter otherwise); ``state`` feeds ``/healthz``."""
+class _WarmUpStopped(Exception):
+    pass
+
+
+def warm_up(bot, state: dict, stop: threading.Event | None = None) -> None:
+    """`Bot.warm` with a progress bar on a terminal (a line per quarter otherwise); ``state`` feeds ``/healthz``.
+    Setting ``stop`` ends it after the prefix being encoded."""
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -92,6 +100,8 @@ def warm_up(bot, state: dict) -> None:
 
     def progress(done: int, total: int, what: str) -> None:
         nonlocal bar
+        if stop is not None and stop.is_set():
+            raise _WarmUpStopped
         if bar is None:
             bar = tqdm(total=total, desc="[fsb] warming prompt caches", unit="prefix", file=sys.stderr,
                        disable=not sys.stderr.isatty())
@@ -105,6 +115,8 @@ def warm_up(bot, state: dict) -> None:
         state.update(ready=True, seconds=round(time.perf_counter() - started, 1))
         print(f"[fsb] {n} prompt prefixes cached in {time.perf_counter() - started:.1f} s", file=sys.stderr,
               flush=True)
+    except _WarmUpStopped:
+        state.update(ready=False)
     except Exception as exc:  # noqa: BLE001 - turns still work, only slower: say so and keep serving
         log.exception("warming the prompt caches failed")
         state.update(ready=False, error=str(exc))
@@ -154,4 +166,17 @@ def serve(settings: Settings) -> None:
     print(f"[fsb] serving on http://{settings.host}:{settings.port}/  (API: /v1/chat/completions, docs: /docs)",
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        stop_warm_up(app)
+
+
+def stop_warm_up(app, timeout: float = 30.0) -> None:
+    """End a background warm-up (`build_app` with ``warm="background"``) and wait for it: a server stopped while it
+    warms (Ctrl-C right after start) would otherwise leave the interpreter under a forward pass still running on that
+    thread, and the process would abort ("terminate called without an active exception") instead of exiting."""
+    thread, stop = getattr(app.state, "fsb_warm_up", (None, None))
+    if thread is not None:
+        stop.set()
+        thread.join(timeout)

@@ -80,6 +80,51 @@ def test_a_port_already_in_use_fails_at_once_and_says_what_to_do(tmp_path):
     assert "loading model" not in proc.stderr and "terminate called" not in proc.stderr
 
 
+SLOW_WARM_UP = """
+import sys, torch
+from app.bot import Bot
+from app.cli import cli
+
+def warm(self, progress=None):  # a warm-up that is always in the middle of a long forward pass
+    for n in range(10**6):
+        with torch.inference_mode():
+            self.lm.inner.model(input_ids=torch.randint(0, 100, (32, 256)))
+        progress(n + 1, 10**6, "slow")
+
+Bot.warm = warm
+cli(["serve", "--port", sys.argv[1]])
+"""
+
+
+def test_ctrl_c_while_the_server_warms_up_stops_it_in_order(tmp_path):
+    """Ctrl-C right after start, with the background warm-up in a forward pass: the warm-up ends after that pass,
+    uvicorn shuts down, and the process exits with the usual 130 (it used to print "Aborted!" and then abort with
+    "terminate called without an active exception" from the thread still running the model)."""
+    port = free_port()
+    env = {**os.environ, "FSB_MODEL": "tiny", "FSB_DATA_DIR": str(tmp_path / "data"), "FSB_SELECTOR": "off",
+           "FSB_STARTER_KB": "off", "FSB_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WARM_UP, str(port)], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert time.time() < deadline and proc.poll() is None, "server did not start"
+            try:
+                warm = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).json()["warm"]
+                if warm["done"] >= 1:
+                    break
+            except _httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert not warm["ready"]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "terminate called" not in err and "Aborted" not in err
+
+
 def start_server(port: int, data_dir) -> subprocess.Popen:
     env = {**os.environ, "FSB_MODEL": "tiny", "FSB_DATA_DIR": str(data_dir), "FSB_SELECTOR": "off",
            "FSB_STARTER_KB": "off", "FSB_MEMORY": "off", "FSB_LOG_LEVEL": "warning"}
