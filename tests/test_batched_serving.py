@@ -114,6 +114,33 @@ def test_a_chat_that_joins_a_running_batch_skips_the_output_layer_in_its_prefill
     assert prefills.count("logits") == 3  # the first chat's prompt, and the two prefixes the cache encodes
 
 
+def test_long_generations_write_in_place_and_equal_their_solo_text(lm):
+    """Rows decoded together for more steps than the spare slots of the in-place buffers (so the sliding window's view
+    moves back to the buffer's start and full layers get a bigger buffer) give exactly their solo text, and the running
+    batch's layers write in place (no copy of the whole cache per step)."""
+    from app.lm.batching import _SPARE_SLOTS, _InPlaceLayer, _InPlaceSlidingLayer
+
+    jobs = [(SHOTS + "Dialogue:\nUser: tell me everything about boats\nAssistant:", SHOTS, 3 * _SPARE_SLOTS),
+            ("User: and about bread?\nAssistant:", None, 2 * _SPARE_SLOTS + 9)]
+    expected = [solo(lm, p, prefix=x, max_new_tokens=n, stop=()) for p, x, n in jobs]
+    assert all(stats["tokens"] == n for (_, stats), (*_, n) in zip(expected, jobs))  # no early end: every step runs
+    kinds = set()
+    step = lm.scheduler._step
+
+    def watching():
+        if lm.scheduler._cache is not None:
+            kinds.update(type(layer) for layer in lm.scheduler._cache.layers)
+        step()
+
+    lm.scheduler._step = watching
+    try:
+        got = run_together(lm, [client(lm, p, prefix=x, max_new_tokens=n, stop=()) for p, x, n in jobs])
+    finally:
+        del lm.scheduler._step
+    assert got == expected
+    assert kinds == {_InPlaceLayer, _InPlaceSlidingLayer}
+
+
 def test_stop_strings_cut_each_row_where_they_cut_alone(lm):
     jobs = []
     for prompt, prefix, n in JOBS:

@@ -16,7 +16,8 @@ cache slots, see exactly what an unbatched row sees):
     row    per row: the token chosen but not yet fed, and its position (the row's real length)
 
 A new row of L slots is left-padded to S (or every other row is, when L > S); leaving rows are removed with an index
-select, and slots that are padding in every remaining row are trimmed from the left. Prefix *compute* is shared
+select, and slots that are padding in every remaining row are trimmed from the left. Between such changes a decode
+step writes its keys and values into spare slots of one buffer per layer (`_InPlaceLayer`), not into a fresh copy. Prefix *compute* is shared
 (cached prefixes are forked, not re-encoded); prefix *memory* is not (each row holds its copy once merged), which
 would need paged attention (vLLM) -- see docs/scaling.md.
 
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .base import LMError, Sampling
 from .decoding import RowStream, choose_one, generator_for, is_greedy, left_pad
@@ -278,6 +280,7 @@ class BatchScheduler:
             except Exception as exc:  # the batch may be half merged: the loop fails every row; this one too
                 row.req.sink.put((row.req.tag, LMError(f"the model failed while generating: {exc}")))
                 raise
+        _append_in_place(self._cache)
         self._rows.append(row)
         self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
 
@@ -375,6 +378,72 @@ class BatchScheduler:
 
     def _reset(self) -> None:
         self._rows, self._cache, self._mask = [], None, None
+
+
+# Free slots kept after a running batch's keys and values, so that a decode step writes its token's in place.
+_SPARE_SLOTS = 64
+
+
+class _InPlaceLayer(DynamicLayer):
+    """A full-attention layer of the running batch whose decode steps write into spare slots of one buffer instead of
+    concatenating (transformers' `DynamicLayer` copies the layer's whole cache every step: with eight rows of ~800
+    slots that was 7.8 of a 47 ms step). Anything that replaces ``keys`` (a row joining, rows leaving) is simply
+    copied into a new buffer at the next step."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            return super().update(key_states, value_states, *args, **kwargs)
+        n, add = self.keys.shape[-2], key_states.shape[-2]
+        _buffered(self, 0, n, add)
+        self._kbuf[:, :, n : n + add] = key_states
+        self._vbuf[:, :, n : n + add] = value_states
+        self.keys, self.values = self._kbuf[:, :, : n + add], self._vbuf[:, :, : n + add]
+        return self.keys, self.values
+
+
+class _InPlaceSlidingLayer(DynamicSlidingWindowLayer):
+    """`_InPlaceLayer` for a sliding-window layer: the window kept is a moving view of the buffer, moved back to its
+    start when the spare slots run out (one copy of the window every `_SPARE_SLOTS` steps)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized or self.record_past:
+            return super().update(key_states, value_states, *args, **kwargs)
+        n, add = self.keys.shape[-2], key_states.shape[-2]
+        start = _buffered(self, getattr(self, "_start", 0), n, add)
+        end = start + n + add
+        self._kbuf[:, :, start + n : end] = key_states
+        self._vbuf[:, :, start + n : end] = value_states
+        self.cumulative_length += add
+        full = self._kbuf[:, :, start:end], self._vbuf[:, :, start:end]  # the window before this step and the new
+        kept = max(start, end - self.sliding_window + 1)  # then only the last sliding_window - 1 slots
+        self.keys, self.values, self._start = self._kbuf[:, :, kept:end], self._vbuf[:, :, kept:end], kept
+        return full
+
+
+def _buffered(layer, start: int, n: int, add: int) -> int:
+    """Make ``layer.keys``/``values`` (``n`` slots) views at ``start`` of buffers with room for ``add`` more; returns
+    where they start now (0 after a new buffer)."""
+    buf = getattr(layer, "_kbuf", None)
+    if (buf is not None and layer.keys.dtype == buf.dtype and layer.keys.shape[:2] == buf.shape[:2]
+            and layer.keys.stride() == buf.stride() and start + n + add <= buf.shape[-2]
+            and layer.keys.data_ptr() == buf[:, :, start:].data_ptr()
+            and layer.values.data_ptr() == layer._vbuf[:, :, start:].data_ptr()):
+        return start
+    b, heads, _, dim = layer.keys.shape
+    layer._kbuf = layer.keys.new_empty(b, heads, n + add + _SPARE_SLOTS, dim)
+    layer._vbuf = layer.values.new_empty(b, heads, n + add + _SPARE_SLOTS, layer.values.shape[-1])
+    layer._kbuf[:, :, :n] = layer.keys
+    layer._vbuf[:, :, :n] = layer.values
+    return 0
+
+
+def _append_in_place(cache) -> None:
+    """Give the running batch's layers the in-place update (only layers of exactly transformers' dynamic kinds)."""
+    for layer in getattr(cache, "layers", ()):
+        if type(layer) is DynamicLayer:
+            layer.__class__ = _InPlaceLayer
+        elif type(layer) is DynamicSlidingWindowLayer:
+            layer.__class__ = _InPlaceSlidingLayer
 
 
 def _merge(cache, mask: torch.Tensor, new_cache, new_len: int):
