@@ -51,11 +51,11 @@ def cli(ctx: click.Context) -> None:
 @click.pass_context
 def serve(ctx, host, port, **opts) -> None:
     """Serve the web chat at / and the HTTP API (/v1/chat/completions, /api/chat) on one port."""
-    from .server import AddressUnavailable, serve as run
+    from .server import CannotServe, serve as run
 
     try:
         run(settings_from(ctx, host=host, port=port, **opts))
-    except AddressUnavailable as exc:
+    except CannotServe as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:  # Ctrl-C: the server already stopped in order; the usual status, no "Aborted!"
         raise SystemExit(130) from None

@@ -27,10 +27,19 @@ def _settings(ctx: click.Context, **overrides) -> Settings:
 
 
 def _skills(settings: Settings) -> dict[str, Skill]:
+    _folder(settings)
     report = load_dir(settings.skills_dir)
     for err in report.errors:
         click.echo(f"warning: {err}", err=True)
     return report.skills
+
+
+def _folder(settings: Settings) -> Path:
+    """The skill folder, or a clear error (a mistyped FSB_SKILLS_DIR used to list nothing and exit 0)."""
+    if not settings.skills_dir.is_dir():
+        raise click.ClickException(f"{settings.skills_dir}: not a folder (set FSB_SKILLS_DIR or --dir to the folder "
+                                   f"that holds the skill files)")
+    return settings.skills_dir
 
 
 def _skill(settings: Settings, name: str) -> Skill:
@@ -109,9 +118,7 @@ def skills_list(ctx, as_json, skills_dir) -> None:
 def skills_check(ctx, skills_dir) -> None:
     """Validate every skill file; print each problem as file:line: message and exit 1 if there is any."""
     settings = _settings(ctx, skills_dir=skills_dir)
-    directory = settings.skills_dir
-    if not directory.is_dir():
-        raise click.ClickException(f"{directory}: not a folder")
+    directory = _folder(settings)
     report = load_dir(directory)
     problems = list(report.errors)
     for skill in report.skills.values():

@@ -125,7 +125,11 @@ def warm_up(bot, state: dict, stop: threading.Event | None = None) -> None:
             bar.close()
 
 
-class AddressUnavailable(RuntimeError):
+class CannotServe(RuntimeError):
+    """The server cannot start as configured; the message says why and what to change."""
+
+
+class AddressUnavailable(CannotServe):
     """The server cannot listen where it was asked to (the port is taken, or the address is not this machine's)."""
 
 
@@ -155,11 +159,17 @@ def serve(settings: Settings) -> None:
     """Serve until interrupted. The address is taken first, then the model loads (minutes on a first run).
 
     Raises:
-        AddressUnavailable: the host and port cannot be bound (nothing is loaded then).
+        CannotServe: a skill or prompt folder that is not there, or an address that cannot be bound (`AddressUnavailable`);
+            nothing is loaded then.
     """
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for folder, var, what in ((settings.skills_dir, "FSB_SKILLS_DIR", "skill files"),
+                              (settings.prompts_dir, "FSB_PROMPTS_DIR", "alignment prompts")):
+        if not folder.is_dir():  # a mistyped path would serve a bot with no skills at all
+            raise CannotServe(f"{folder}: not a folder; {var} must name the folder that holds the {what} (unset it "
+                              f"for the installed ones)")
     sock = listening_socket(settings.host, settings.port)
     print(f"[fsb] loading model {settings.model} …", file=sys.stderr, flush=True)
     app = build_app(settings, warm="background")

@@ -3,6 +3,7 @@ evaluation's KB recall worked out by hand on a small data folder."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,11 @@ def test_skills_check_and_list_from_the_command_line(tmp_path):
     assert bad.returncode != 0
     assert f"{broken / 'wow.yaml'}:{line + 1}:" in bad.stdout + bad.stderr
     assert "nowhere" in bad.stdout + bad.stderr
+
+    missing = tmp_path / "no-such-folder"  # a mistyped FSB_SKILLS_DIR: listed nothing and exited 0 before
+    for command in ("list", "check"):
+        out = fsb("skills", command, env={**os.environ, "FSB_SKILLS_DIR": str(missing)})
+        assert out.returncode == 1 and f"{missing}: not a folder (set FSB_SKILLS_DIR" in out.stderr, command
 
 
 def _write(folder: Path, records: list[dict]) -> None:

@@ -80,6 +80,17 @@ def test_a_port_already_in_use_fails_at_once_and_says_what_to_do(tmp_path):
     assert "loading model" not in proc.stderr and "terminate called" not in proc.stderr
 
 
+def test_a_skill_folder_that_is_not_there_stops_the_server_before_it_loads(tmp_path):
+    """A mistyped FSB_SKILLS_DIR used to serve a bot without a single skill; now it is an error at start."""
+    missing = tmp_path / "skils"
+    env = {**os.environ, "FSB_MODEL": "tiny", "FSB_DATA_DIR": str(tmp_path / "data"), "FSB_SKILLS_DIR": str(missing)}
+    proc = subprocess.run([sys.executable, "server.py", "--port", str(free_port())], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f"{missing}: not a folder; FSB_SKILLS_DIR must name the folder" in proc.stderr
+    assert "loading model" not in proc.stderr
+
+
 SLOW_WARM_UP = """
 import sys, torch
 from app.bot import Bot
