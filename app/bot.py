@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Sequence
 
 from .knowledge import kb_query
 from .lm import LM, Sampling
+from .lm.base import StopScanner
 from .router import Route, Router
 from .router import UnknownSkill as RouterUnknownSkill
 from .skills import Skill, SkillRegistry, context_budget
@@ -299,11 +300,13 @@ class Bot:
         sampling: dict | None = None,
         max_tokens: int | None = None,
         user: str = "",
+        stop: Sequence[str] = (),
     ) -> TurnStream:
         """Start a turn over ``messages``; validation errors raise here, before any streaming begins.
 
         route -> parser skill (its output fills the field it targets) -> retriever -> response skill or alignment
-        layer -> stream; facts the user revealed go to long-term memory after the reply is out.
+        layer -> stream; facts the user revealed go to long-term memory after the reply is out. ``stop``: the
+        caller's stop strings (OpenAI's ``stop``): the reply ends before the first one, and so does the generation.
         """
         self.check_messages(messages)
         dialogue = self._without_notices(to_dialogue(messages))
@@ -314,11 +317,11 @@ class Bot:
         before_stream = _BeforeStream()
         self.activity.start(before_stream)
         try:
-            return self._turn(dialogue, messages, skill, sampling, max_tokens, user)
+            return self._turn(dialogue, messages, skill, sampling, max_tokens, user, [s for s in stop if s])
         finally:
             self.activity.end(before_stream)  # the stream (started before this) holds the place now
 
-    def _turn(self, dialogue, messages, skill, sampling, max_tokens, user) -> TurnStream:
+    def _turn(self, dialogue, messages, skill, sampling, max_tokens, user, stop: list[str]) -> TurnStream:
         trace: dict = {"steps": []}
         started = time.perf_counter()
         route = self.route(dialogue, skill)
@@ -382,6 +385,8 @@ class Bot:
                     and self.settings.memory_skill in self.skills)
         after = (lambda reply: self._remember_later(user, dialogue, reply)) if remember else None
         stream = _with_notice(notice, _drop_leading_space(pieces))
+        if stop:
+            stream = _cut_at_stops(stream, stop)
         out = TurnStream(stream, finish, after, ended=lambda: self.activity.end(out),
                          first=lambda: self.activity.first_piece(out))
         self.activity.start(out)
@@ -753,6 +758,27 @@ def _with_notice(notice: str, pieces: Iterator[str]) -> Iterator[str]:
     if notice:
         yield notice + " "
     yield from pieces
+
+
+def _cut_at_stops(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[str]:
+    """The reply up to the first of ``stops`` (a tail that could still become one is held back); at a stop the
+    generation under it is closed, so it stops decoding too."""
+    scanner, text = StopScanner(stops), ""
+    try:
+        for piece in pieces:
+            text += piece
+            out = scanner.feed(text)
+            if out:
+                yield out
+            if scanner.done:
+                return
+        out = scanner.finish(text)
+        if out:
+            yield out
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
 
 
 def _drop_leading_space(pieces: Iterator[str]) -> Iterator[str]:

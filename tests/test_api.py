@@ -44,6 +44,35 @@ def test_chat_completion_plain_and_streamed_give_the_same_reply(live_server):
     assert len([ch for ch in chunks if ch.choices[0].delta.content]) > 1  # really streamed, piece by piece
 
 
+def test_stop_strings_developer_messages_and_n_as_openai_clients_send_them(live_server):
+    """``stop`` cuts the reply before the first stop string, plain and streamed (it used to be ignored); a
+    ``developer`` message is a system message (it used to be a 400); ``n`` other than 1 is a 400 that says so (it used
+    to be ignored, one choice returned)."""
+    c = client(live_server)
+    messages = [{"role": "user", "content": "hi! what do you like to do?"}]
+    full = c.chat.completions.create(model="fsb:persona", messages=messages, max_tokens=16).choices[0].message.content
+    assert len(full) > 6
+    stop = full[3:5]  # the tiny model's greedy reply, cut before the first place these two characters occur
+    want = full[: full.index(stop)]
+    cut = c.chat.completions.create(model="fsb:persona", messages=messages, max_tokens=16, stop=[stop, "never seen"])
+    assert cut.choices[0].message.content == want and cut.choices[0].finish_reason == "stop"
+    chunks = list(c.chat.completions.create(model="fsb:persona", messages=messages, max_tokens=16, stop=stop,
+                                            stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+    as_system = c.chat.completions.create(model="fsb:persona", max_tokens=8,
+                                          messages=[{"role": "system", "content": "Be brief."}] + messages)
+    as_developer = c.chat.completions.create(model="fsb:persona", max_tokens=8,
+                                             messages=[{"role": "developer", "content": "Be brief."}] + messages)
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model="fsb", messages=messages, max_tokens=4, n=2)
+    assert err.value.body["param"] == "n" and "only n=1 is served" in err.value.body["message"]
+    assert c.chat.completions.create(model="fsb", messages=messages, max_tokens=4, n=1).choices
+
+
 def test_stream_ends_with_done(live_server):
     body = {"model": "fsb", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "stream": True}
     with httpx.stream("POST", live_server.url + "/v1/chat/completions", json=body) as r:

@@ -45,7 +45,7 @@ def router(svc: Service) -> APIRouter:
     def chat_completions(req: ChatCompletionRequest, request: Request):
         started = time.monotonic()
         skill = skill_from_model(req.model, bot)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         bot.check_messages(messages)
         if req.session_id:
             svc.owned_session(request, req.session_id)
@@ -58,9 +58,10 @@ def router(svc: Service) -> APIRouter:
         try:
             if req.session_id:
                 stream = bot.chat(req.session_id, messages[-1]["content"], skill=skill, sampling=sampling,
-                                  max_tokens=limit, user=user)
+                                  max_tokens=limit, user=user, stop=req.stops())
             else:
-                stream = bot.turn(messages, skill=skill, sampling=sampling, max_tokens=limit, user=user)
+                stream = bot.turn(messages, skill=skill, sampling=sampling, max_tokens=limit, user=user,
+                                  stop=req.stops())
         except BaseException:
             ticket.release()
             raise
