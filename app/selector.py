@@ -22,6 +22,7 @@ Scores are "higher is better" everywhere: mean log-probability per history token
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -78,8 +79,7 @@ class SelectorLayout(BaseModel):
             raise SelectorError(f"{path}: cannot load the selector layout: {exc}") from None
 
     def lines(self, turns: Iterable[Sequence[str]]) -> list[str]:
-        env = _jinja()
-        user, bot = env.from_string(self.user_line), env.from_string(self.bot_line)
+        user, bot = _template(self.user_line), _template(self.bot_line)
         out = []
         for turn in turns:
             u, b = (list(turn) + ["", ""])[:2]
@@ -113,6 +113,12 @@ def _jinja() -> jinja2.Environment:
     return _env
 
 
+@functools.lru_cache(maxsize=64)
+def _template(text: str) -> jinja2.Template:
+    """A layout line compiled once (every scoring call renders every candidate's examples with it)."""
+    return _jinja().from_string(text)
+
+
 # A scored utterance counts at most this many words: its first and its last ones (a pasted text's request is usually
 # at one end). A scoring pass costs rows x tokens; 2 of selector-dev's 978 history lines and none of align dev's
 # instructions are longer.
@@ -130,6 +136,12 @@ def clip_words(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- value objects
+@functools.lru_cache(maxsize=1024)
+def _content_key(name: str, examples: tuple) -> str:
+    # candidates are built again for every turn from the same skills: hash each content once, not on every lookup
+    return hashlib.blake2b(repr((name, examples)).encode(), digest_size=12).hexdigest()
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A selectable skill as the selector sees it: a name, its example dialogues, how many the prompt uses."""
@@ -143,8 +155,7 @@ class Candidate:
     @property
     def key(self) -> str:
         """Content hash: a changed skill file gets fresh embeddings and a fresh prompt."""
-        h = hashlib.blake2b(repr((self.name, self.examples)).encode(), digest_size=12)
-        return h.hexdigest()
+        return _content_key(self.name, self.examples)
 
 
 @dataclass(frozen=True)
@@ -232,9 +243,16 @@ class PromptScorer:
         self.lm, self.layout = lm, layout
         self.low_precision = fast_bf16() if low_precision == "auto" else bool(low_precision)
         self.checkpoints = checkpoints  # score a history from the checkpoint of its previous turn (`score_prefixes`)
+        self._prefixes: dict[tuple, str] = {}  # a candidate's shots -> its rendered selector prompt
 
     def prefix(self, c: Candidate) -> str:
-        return self.layout.prefix(c.examples[: c.shots])
+        shots = c.examples[: c.shots]
+        text = self._prefixes.get(shots)
+        if text is None:  # rendered once per skill's shots (every scoring call needs every candidate's)
+            if len(self._prefixes) > 512:
+                self._prefixes.clear()
+            text = self._prefixes[shots] = self.layout.prefix(shots)
+        return text
 
     def warm(self, candidates: Sequence[Candidate]) -> None:
         """Encode every selector prompt once (into the LM's prefix cache)."""
