@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 
 from .knowledge import kb_query
 from .lm import LM, Sampling
-from .lm.base import StopScanner
+from .lm.base import cut_at_stops
 from .router import Route, Router
 from .router import UnknownSkill as RouterUnknownSkill
 from .skills import Skill, SkillRegistry, context_budget
@@ -386,7 +386,7 @@ class Bot:
         after = (lambda reply: self._remember_later(user, dialogue, reply)) if remember else None
         stream = _with_notice(notice, _drop_leading_space(pieces))
         if stop:
-            stream = _cut_at_stops(stream, stop)
+            stream = cut_at_stops(stream, stop)
         out = TurnStream(stream, finish, after, ended=lambda: self.activity.end(out),
                          first=lambda: self.activity.first_piece(out))
         self.activity.start(out)
@@ -758,27 +758,6 @@ def _with_notice(notice: str, pieces: Iterator[str]) -> Iterator[str]:
     if notice:
         yield notice + " "
     yield from pieces
-
-
-def _cut_at_stops(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[str]:
-    """The reply up to the first of ``stops`` (a tail that could still become one is held back); at a stop the
-    generation under it is closed, so it stops decoding too."""
-    scanner, text = StopScanner(stops), ""
-    try:
-        for piece in pieces:
-            text += piece
-            out = scanner.feed(text)
-            if out:
-                yield out
-            if scanner.done:
-                return
-        out = scanner.finish(text)
-        if out:
-            yield out
-    finally:
-        close = getattr(pieces, "close", None)
-        if close is not None:
-            close()
 
 
 def _drop_leading_space(pieces: Iterator[str]) -> Iterator[str]:

@@ -8,7 +8,7 @@ import pytest
 
 from app.align import AlignError, Aligner, ReplyCleaner, load_align_prompt, prompt_path
 from app.evaluation.align_eval import RefusalDetector, has_loop, leaks, run_align_eval, stratified
-from app.lm.base import Sampling, StopScanner
+from app.lm.base import Sampling, cut_at_stops
 from app.settings import REPO_ROOT, Settings
 
 PROMPTS = REPO_ROOT / "prompts"
@@ -40,17 +40,7 @@ class ScriptedLM:
         if not self.honour_stops:
             yield from pieces
             return
-        scanner, text = StopScanner(stop), ""
-        for p in pieces:
-            text += p
-            out = scanner.feed(text)
-            if out:
-                yield out
-            if scanner.done:
-                return
-        out = scanner.finish(text)
-        if out:
-            yield out
+        yield from cut_at_stops(pieces, stop)
 
     def generate(self, prompt, stop=(), max_new_tokens=64, sampling=Sampling(), prefix=None):
         self.calls.append({"prompt": prompt, "stop": list(stop), "max_new_tokens": max_new_tokens,

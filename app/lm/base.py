@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 
 class LMError(RuntimeError):
@@ -109,6 +109,27 @@ class StopScanner:
                     best = n
                     break
         return best
+
+
+def cut_at_stops(pieces: Iterable[str], stops: Sequence[str]) -> Iterator[str]:
+    """The text of ``pieces`` up to the first of ``stops`` (`StopScanner`: a tail that could still become a stop is held
+    back); at a stop the source is closed (a generation then stops decoding too)."""
+    scanner, text = StopScanner(stops), ""
+    try:
+        for piece in pieces:
+            text += piece
+            out = scanner.feed(text)
+            if out:
+                yield out
+            if scanner.done:
+                return
+        out = scanner.finish(text)
+        if out:
+            yield out
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
 
 
 def complete(lm: LM, prompt: str, **kw) -> str:
