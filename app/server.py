@@ -159,8 +159,8 @@ def serve(settings: Settings) -> None:
     """Serve until interrupted. The address is taken first, then the model loads (minutes on a first run).
 
     Raises:
-        CannotServe: a skill or prompt folder that is not there, or an address that cannot be bound (`AddressUnavailable`);
-            nothing is loaded then.
+        CannotServe: a skill or prompt folder that is not there, or an address that cannot be bound
+            (`AddressUnavailable`); nothing is loaded then.
     """
     import uvicorn
 

@@ -17,9 +17,9 @@ cache slots, see exactly what an unbatched row sees):
 
 A new row of L slots is left-padded to S (or every other row is, when L > S); leaving rows are removed with an index
 select, and slots that are padding in every remaining row are trimmed from the left. Between such changes a decode
-step writes its keys and values into spare slots of one buffer per layer (`_InPlaceLayer`), not into a fresh copy. Prefix *compute* is shared
-(cached prefixes are forked, not re-encoded); prefix *memory* is not (each row holds its copy once merged), which
-would need paged attention (vLLM) -- see docs/scaling.md.
+step writes its keys and values into spare slots of one buffer per layer (`_InPlaceLayer`), not into a fresh copy.
+Prefix *compute* is shared (cached prefixes are forked, not re-encoded); prefix *memory* is not (each row holds its
+copy once merged), which would need paged attention (vLLM) -- see docs/scaling.md.
 
 Failures stay with their row where they can: a prompt that cannot join, or a token that cannot be chosen, ends that
 request with an `LMError` and the others go on; only a failed forward pass (which every row shared) fails them all.
@@ -380,7 +380,7 @@ class BatchScheduler:
         self._rows, self._cache, self._mask = [], None, None
 
 
-# Free slots kept after a running batch's keys and values, so that a decode step writes its token's in place.
+# Free slots kept after a running batch's keys and values, so that a decode step writes its own in place.
 _SPARE_SLOTS = 64
 
 

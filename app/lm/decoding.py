@@ -19,6 +19,9 @@ import torch
 from .base import Sampling, StopScanner
 from .prefix_cache import CachedPrefix, PrefixCache, compact, fork_cache
 
+# logits_to_keep for a pass that needs no logits at all (its output layer is skipped)
+_NO_LOGITS = torch.zeros(0, dtype=torch.long)
+
 # A conversation checkpoint is kept only when it saves the next turn at least this many tokens of prefill (each one
 # costs a copy of the cache now and up to ~10 MB of keys and values while it is kept).
 CHECKPOINT_MIN_TOKENS = 16
@@ -127,7 +130,7 @@ class ModelRunner:
         done = len(start.ids) if start is not None else 0
         cache = start.fork() if start is not None else None
         logits = start.last_logits if start is not None and head else None
-        none = torch.zeros(0, dtype=torch.long)  # logits_to_keep: no position
+        last = 1 if head else _NO_LOGITS  # logits_to_keep of a plain pass: the last position's, or none
         cut = self.checkpoint_at(ids, done)
         if cut is not None and cut < len(ids) and _can_record(cache):
             # One forward over the rest; the checkpoint is the cache cut back to ``cut`` (sliding-window layers record
@@ -135,17 +138,17 @@ class ModelRunner:
             for layer in cache.layers:
                 if getattr(layer, "is_sliding", False):
                     layer.activate_past_recording()
-            keep = torch.tensor([cut - done - 1, len(ids) - done - 1]) if head else none
+            keep = torch.tensor([cut - done - 1, len(ids) - done - 1]) if head else _NO_LOGITS
             cache, out = self.forward(torch.tensor([ids[done:]]), cache, keep=keep)
             checkpoint = _cut_back(cache, len(ids) - cut, cut)
             self.prefix_cache.put_checkpoint(CachedPrefix(tuple(ids[:cut]), checkpoint, out[0, 0] if head else None))
             return cache, out[0, -1] if head else None
         if cut is not None:  # no cache to start from (or layers that cannot record): two forwards
-            cache, out = self.forward(torch.tensor([ids[done:cut]]), cache, keep=1 if head else none)
+            cache, out = self.forward(torch.tensor([ids[done:cut]]), cache, keep=last)
             logits, done = out[0, -1] if head else None, cut
             self.prefix_cache.put_checkpoint(CachedPrefix(tuple(ids[:cut]), compact(fork_cache(cache)), logits))
         if done < len(ids):
-            cache, out = self.forward(torch.tensor([ids[done:]]), cache, keep=1 if head else none)
+            cache, out = self.forward(torch.tensor([ids[done:]]), cache, keep=last)
             logits = out[0, -1] if head else None
         return cache, logits
 
