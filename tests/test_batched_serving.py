@@ -93,10 +93,41 @@ def test_load_lm_serves_through_one_shared_batch(lm):
     assert lm.scheduler.running == 0
 
 
-def test_a_chat_that_joins_a_running_batch_skips_the_output_layer_in_its_prefill(lm, monkeypatch):
-    """Only the first chat's prefill computes logits; the chats admitted while rows are running prefill all but their
-    last prompt token through the model's body (no output layer: no logits kept) and take their first token from the
-    next shared step -- and every chat still gets exactly what it gets alone."""
+def test_chats_that_join_a_running_batch_prefill_inside_its_next_step(lm, monkeypatch):
+    """Only the first chat prefills in a pass of its own; the four admitted while it runs are packed into the batch's
+    next forward pass (app/lm/packed.py: their prompts ride along with the running row's token, one read of the
+    weights for all) and take their first token from it -- and every chat still gets exactly what it gets alone."""
+    assert lm.scheduler.pack  # the tiny Gemma 3, decoding itself, with sdpa attention
+    expected = [solo(lm, p, prefix=x, max_new_tokens=n) for p, x, n in JOBS[:5]]
+    runner, prefills, packed = lm.inner.runner, [], []
+    forward, packed_step = runner.forward, runner.packed_step
+
+    def recording(ids, *a, keep=1, decode=False, **kw):
+        if not decode:
+            prefills.append("body" if torch.is_tensor(keep) and keep.numel() == 0 else "logits")
+        return forward(ids, *a, keep=keep, decode=decode, **kw)
+
+    def packing(feed, positions, cache, mask, joiners):
+        packed.append((feed.shape[0], [j.fed for j in joiners]))
+        return packed_step(feed, positions, cache, mask, joiners)
+
+    monkeypatch.setattr(runner, "forward", recording)
+    monkeypatch.setattr(runner, "packed_step", packing)
+    lm.inner.prefix_cache.clear()  # every prefix is encoded again
+    got = run_together(lm, [client(lm, p, prefix=x, max_new_tokens=n) for p, x, n in JOBS[:5]])
+    assert got == expected
+    assert prefills == ["logits"] * 3  # the first chat's prompt, and the two prefixes the cache encodes
+    # the four joined in packed passes (one, or two when the last ones were queued after the first step began), each
+    # pass with the running rows' tokens in it
+    assert sum(len(fed) for _, fed in packed) == 4 and len(packed) <= 2
+    assert all(rows >= 1 and all(n >= 1 for n in fed) for rows, fed in packed)
+
+
+def test_without_packing_a_joining_chat_prefills_through_the_body_only(lm, monkeypatch):
+    """Where passes cannot be packed (a float32 model with a bfloat16 decoder, another architecture), the chats
+    admitted while rows are running prefill all but their last prompt token through the model's body (no output
+    layer: no logits kept) and take their first token from the next shared step -- with the same texts."""
+    monkeypatch.setattr(lm.scheduler, "pack", False)
     expected = [solo(lm, p, prefix=x, max_new_tokens=n) for p, x, n in JOBS[:5]]
     runner, prefills = lm.inner.runner, []
     forward = runner.forward
@@ -256,6 +287,7 @@ def test_scoring_from_other_threads_while_chats_decode(lm):
                        chats=4)
     assert got[:4] == expected
     for rounds in got[4:]:
+        assert not isinstance(rounds, Exception), rounds
         for scores, prefixed in rounds:
             assert scores == pytest.approx(want_scores, abs=1e-4)
             assert prefixed == pytest.approx(want_prefixed, abs=1e-4)
@@ -274,3 +306,61 @@ def test_generate_batch_and_seeded_sampling_through_the_batch(lm):
     assert complete(lm, prompts[0], sampling=sampling, max_new_tokens=15, stats=stats_s[0]) == complete(
         lm.inner, prompts[0], sampling=sampling, max_new_tokens=15, stats=stats_s[1])
     assert stats_s[0] == stats_s[1]
+
+
+def test_a_packed_pass_gives_the_logits_and_caches_of_its_plain_passes(lm):
+    """`ModelRunner.packed_step` against the passes it replaces, on the tiny float32 Gemma 3 (16-slot sliding window):
+    two running rows' decode step (left-padded, different lengths) plus two joining prompts, one from a cached prefix
+    with more new tokens than the window and one from nothing, give each row's and each joiner's logits and caches as
+    the plain decode step and the two plain prefills do; with no running rows, the joiners alone likewise."""
+    from app.lm.batching import _merge
+    from app.lm.prefix_cache import fork_cache
+
+    inner, runner = lm.inner, lm.inner.runner
+    tok = inner.tok
+    rows = [tok.encode(SHOTS + "Dialogue:\nUser: what do you like?\nAssistant: I", add_special_tokens=True),
+            tok.encode("User: hi\nAssistant: hello", add_special_tokens=True)]
+    prefix = tok.encode(SHOTS, add_special_tokens=True)
+    joining = [prefix + tok.encode("Dialogue:\nUser: a much longer question about bread, boats, cats and the sea, "
+                                   "asked slowly?\nAssistant:", add_special_tokens=False),
+               tok.encode("User: tell me about boats\nAssistant:", add_special_tokens=True)]
+    assert len(joining[0]) - len(prefix) > 16
+
+    def batch():  # the two rows prefilled (all but their last token) and merged as the scheduler merges them
+        cache = mask = None
+        for ids in rows:
+            c, _ = runner.prefill(ids[:-1], 0)
+            if cache is None:
+                cache, mask = c, torch.ones(1, len(ids) - 1, dtype=torch.long)
+            else:
+                cache, mask = _merge(cache, mask, c, len(ids) - 1)
+        return cache, torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+
+    feed = torch.tensor([[ids[-1]] for ids in rows])
+    positions = torch.tensor([[len(ids) - 1] for ids in rows])
+    inner.prefix_cache.clear()
+    cache, mask = batch()
+    plain_cache, plain_rows = runner.forward(feed, fork_cache(cache), mask=mask, positions=positions, decode=True)
+    plain_joiners = [runner.prefill(ids, len(prefix) if i == 0 else 0) for i, ids in enumerate(joining)]
+
+    inner.prefix_cache.clear()
+    cache, mask = batch()
+    plans = [runner.plan_prefill(ids, len(prefix) if i == 0 else 0) for i, ids in enumerate(joining)]
+    assert plans[0].done >= len(prefix) and plans[1].done == 0  # (the first row's checkpoint may go further)
+    packed_cache, logits = runner.packed_step(feed, positions, cache, mask, plans)
+    for p in plans:
+        runner.finish_prefill(p)
+    assert logits.shape[0] == 4
+    assert torch.allclose(logits[:2], plain_rows[:, -1], atol=1e-4)
+    for (c, want), got, p in zip(plain_joiners, logits[2:], plans):
+        assert torch.allclose(got, want, atol=1e-4)
+        for mine, theirs in zip(p.cache.layers, c.layers):
+            assert mine.keys.shape == theirs.keys.shape and torch.allclose(mine.keys, theirs.keys, atol=1e-4)
+    for mine, theirs in zip(packed_cache.layers, plain_cache.layers):
+        assert torch.allclose(mine.keys, theirs.keys, atol=1e-4)
+
+    plans = [runner.plan_prefill(ids, len(prefix) if i == 0 else 0) for i, ids in enumerate(joining)]
+    none, logits = runner.packed_step(torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long),
+                                      None, None, plans)
+    assert none is None and logits.shape[0] == 2
+    assert all(torch.allclose(got, want, atol=1e-4) for got, (_, want) in zip(logits, plain_joiners))

@@ -80,7 +80,8 @@ def test_no_import_cycles_in_app_lm():
 
 def test_layers_point_one_way():
     graph = import_graph()
-    assert graph["app.lm.decoding"] <= {"app.lm.base", "app.lm.prefix_cache"}  # the shared leaf
+    assert graph["app.lm.decoding"] <= {"app.lm.base", "app.lm.packed", "app.lm.prefix_cache"}  # the shared leaf
+    assert not {m for m in graph["app.lm.packed"] if m.startswith("app.")}  # packed passes: transformers only
     assert not graph["app.lm.hf"] & {"app.lm.fast", "app.lm.batching", "app.lm"}  # the fast path is attached by load_lm
     for top in ("app.lm.fast", "app.lm.batching"):
         assert "app.lm" not in graph[top] and not graph[top] & {"app.lm.fast", "app.lm.batching"} - {top}

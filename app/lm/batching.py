@@ -1,8 +1,11 @@
 """Continuous batching: many chats share one running batch on one model, joining and leaving at step boundaries.
 
-A scheduler thread owns the batch. Each request joins between steps: it is prefilled alone (its constant prefix comes
-from the prefix cache, so a skill's shots are never re-encoded), its first token is chosen and streamed at once, and
-its KV cache is merged into the batch. Each step then runs ONE forward pass for every row's last token, chooses each
+A scheduler thread owns the batch. Each request joins between steps, starting from its constant prefix in the prefix
+cache (a skill's shots are never re-encoded). The first request of an idle batch is prefilled alone; one admitted while
+rows run is prefilled inside the next step's forward pass, packed after the rows' tokens (`app.lm.packed`: the weights
+are read once for both; where the model cannot be packed, it prefills alone through the model's body). Its first
+token is chosen and streamed at once, and its KV cache is merged into the batch. Each step runs ONE forward pass for
+every row's last token, chooses each
 row's next token, streams each row's new text to that request's own queue, and drops the rows that finished (or whose
 reader went away). A short request therefore finishes while a long one admitted earlier keeps going: nobody waits for
 anybody else to finish, only for the step in progress.
@@ -42,6 +45,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .base import LMError, Sampling
 from .decoding import RowStream, choose_one, generator_for, is_greedy, left_pad
+from .packed import Joiner
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +117,10 @@ class BatchScheduler:
         self._queue: queue.Queue = queue.Queue()  # Requests from clients, or _CLOSE
         self._waiting: collections.deque[Request] = collections.deque()  # taken from the queue, no free row yet
         self._rows: list[_Row] = []
+        # Prompts admitted while rows run, prefilled inside the next step's pass (`ModelRunner.packed_step`)
+        self._joiners: list[tuple[_Row, Joiner]] = []
+        # (not with a compiled step: its cache would then hold inference-mode tensors that it updates in place)
+        self.pack = not compile and lm.runner.can_pack()
         self._cache = None
         self._mask: torch.Tensor | None = None  # [B, S]
         self._lock = threading.Lock()  # guards _thread and _closed
@@ -178,7 +186,7 @@ class BatchScheduler:
             while self._take():
                 try:
                     self._admit()
-                    if self._rows:
+                    if self._rows or self._joiners:
                         self._step()
                 except Exception as exc:  # a failed batched forward fails every running row, never the scheduler
                     log.exception("batched generation failed")
@@ -196,9 +204,10 @@ class BatchScheduler:
 
     def _fail_all(self, exc: BaseException, waiting: bool) -> None:
         err = exc if isinstance(exc, LMError) else LMError(f"the model failed while generating: {exc}")
-        for row in self._rows:
+        for row in self._rows + [row for row, _ in self._joiners]:
             row.req.sink.put((row.req.tag, err))
         self._reset()
+        self._joiners = []
         if waiting:
             for req in self._waiting:
                 req.sink.put((req.tag, err))
@@ -206,7 +215,7 @@ class BatchScheduler:
 
     def _take(self) -> bool:
         """Move queued requests to the waiting line (blocking while there is nothing to do). False: exit now."""
-        idle = not self._rows and not self._waiting
+        idle = not self._rows and not self._waiting and not self._joiners
         while True:
             try:
                 item = self._queue.get(timeout=self.idle_exit_s) if idle else self._queue.get_nowait()
@@ -226,7 +235,7 @@ class BatchScheduler:
 
     def _admit(self) -> None:
         """Waiting requests join the batch while there are free rows."""
-        while self._waiting and len(self._rows) < self.max_batch:
+        while self._waiting and len(self._rows) + len(self._joiners) < self.max_batch:
             req = self._waiting.popleft()
             if req.cancelled.is_set():
                 continue
@@ -254,6 +263,13 @@ class BatchScheduler:
         if stream.done:
             self._finish(row)
             return None
+        if self._rows and self.pack:
+            # Joining a running batch: its prompt rides along with the rows' next tokens in the next step's forward
+            # pass (the weights are read once for both), which also chooses its first token.
+            joiner = self.runner.plan_prefill(ids, prefix_len)
+            if joiner is not None:
+                self._joiners.append((row, joiner))
+                return None
         if self._rows and prefix_len < len(ids) - 1:
             # Joining a running batch: the prompt but its last token goes through the model's body alone, and that
             # token is fed with the batch's next step, which chooses this row's first token with everyone else's.
@@ -285,15 +301,31 @@ class BatchScheduler:
         self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
 
     def _step(self) -> None:
-        """One forward for every row's pending token, then each row's next token; finished rows leave."""
+        """One forward for every row's pending token (and the prompts joining, packed into it), then each row's next
+        token; finished rows leave, joined prompts become rows."""
         self._drop([i for i, r in enumerate(self._rows) if r.req.cancelled.is_set()])
+        joiners, self._joiners = self._joiners, []
+        for row, _ in joiners:
+            if row.req.cancelled.is_set():
+                self._finish(row)
+        joiners = [(row, j) for row, j in joiners if not row.req.cancelled.is_set()]
         rows = self._rows
-        if not rows:
+        if not rows and not joiners:
             return
-        feed = torch.tensor([[r.token] for r in rows])  # [B, 1]
-        positions = torch.tensor([[r.pos] for r in rows])  # [B, 1]
-        self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=self._mask.dtype)], dim=1)  # [B, S+1]
-        self._cache, logits = self._decode_step(feed, positions)  # logits [B, V]
+        feed = torch.tensor([[r.token] for r in rows], dtype=torch.long).view(len(rows), 1)  # [B, 1]
+        positions = torch.tensor([[r.pos] for r in rows], dtype=torch.long).view(len(rows), 1)  # [B, 1]
+        if rows:
+            self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=self._mask.dtype)], dim=1)  # [B, S+1]
+        if joiners:
+            try:
+                self._cache, logits = self.runner.packed_step(feed, positions, self._cache, self._mask,
+                                                              [j for _, j in joiners])  # [B + J, V]
+            except BaseException:
+                self._joiners = joiners  # failed with the rows that shared the pass (`_fail_all`)
+                raise
+            logits, first = logits[: len(rows)], logits[len(rows):]
+        else:
+            self._cache, logits = self._decode_step(feed, positions)  # logits [B, V]
         self.steps += 1
         greedy = logits.float().argmax(dim=-1).tolist() if any(is_greedy(r.req.sampling) for r in rows) else None
         done = []
@@ -313,6 +345,25 @@ class BatchScheduler:
                 self._finish(row)
                 done.append(i)
         self._drop(done, finished=True)
+        if joiners:
+            self._joined(joiners, first)
+
+    def _joined(self, joiners: list[tuple[_Row, Joiner]], first: torch.Tensor) -> None:
+        """After a packed pass: each joiner's checkpoint is kept, its first token chosen and streamed, and its cache
+        merged into the batch (unless it is over already)."""
+        for (row, joiner), logits in zip(joiners, first):
+            try:
+                self.runner.finish_prefill(joiner)
+                s = row.req.sampling
+                self._advance(row, choose_one(logits, row.stream.generated, s, row.rng, row.stream.banned()))
+            except Exception as exc:  # this request only
+                log.exception("generation failed for one row")
+                row.req.sink.put((row.req.tag, LMError(f"the model failed while generating: {exc}")))
+                continue
+            if row.stream.done or row.req.cancelled.is_set():
+                self._finish(row)
+                continue
+            self._join(row, joiner.cache)
 
     def _advance(self, row: _Row, token: int) -> None:
         row.token = token

@@ -2,7 +2,7 @@
 row's text state. The plain loop (`hf.py`), the CUDA fast path (`fast.py`) and the continuous-batching scheduler
 (`batching.py`) all build on these, so they decide and cut text the same way and agree token for token.
 
-A leaf module: it imports nothing from ``app.lm`` but `base` and `prefix_cache`.
+A leaf module: it imports nothing from ``app.lm`` but `base`, `packed` and `prefix_cache`.
 
 Shapes: ids [B, L]; mask [B, past + L] (1 = real token); logits [B, V] (``keep=1``) or [B, L, V] (``keep=0``).
 """
@@ -15,7 +15,9 @@ import time
 from typing import Callable, Sequence
 
 import torch
+from transformers import DynamicCache
 
+from . import packed
 from .base import Sampling, StopScanner
 from .prefix_cache import CachedPrefix, PrefixCache, compact, fork_cache
 
@@ -120,13 +122,7 @@ class ModelRunner:
         of a small model's weights, read once per forward pass). Checkpoints stored then keep no logits: a prefill of
         exactly such a checkpoint's tokens starts from a shorter one and feeds at least the last token.
         """
-        start = None
-        if self.prefix_cache.checkpoint_bytes > 0:
-            start = self.prefix_cache.longest_checkpoint(ids, longer_than=prefix_len)
-            if start is not None and head and start.last_logits is None and len(start.ids) == len(ids):
-                start = self.prefix_cache.longest_checkpoint(ids[:-1], longer_than=prefix_len)  # feeds the last one
-        if start is None and prefix_len and self.prefix_cache.capacity > 0:
-            start = self.cached_prefix(tuple(ids[:prefix_len]))
+        start = self._start(ids, prefix_len, head)
         done = len(start.ids) if start is not None else 0
         cache = start.fork() if start is not None else None
         logits = start.last_logits if start is not None and head else None
@@ -151,6 +147,81 @@ class ModelRunner:
             cache, out = self.forward(torch.tensor([ids[done:]]), cache, keep=last)
             logits = out[0, -1] if head else None
         return cache, logits
+
+    def _start(self, ids: list[int], prefix_len: int, head: bool) -> CachedPrefix | None:
+        """What a prefill of ``ids`` starts from: the longest conversation checkpoint they begin with, else the cached
+        prefix ``ids[:prefix_len]`` (encoded on a miss), else nothing. ``head``: the last position's logits are
+        needed, so a checkpoint of all of ``ids`` that kept none gives way to a shorter one (the last token is fed)."""
+        start = None
+        if self.prefix_cache.checkpoint_bytes > 0:
+            start = self.prefix_cache.longest_checkpoint(ids, longer_than=prefix_len)
+            if start is not None and head and start.last_logits is None and len(start.ids) == len(ids):
+                start = self.prefix_cache.longest_checkpoint(ids[:-1], longer_than=prefix_len)  # feeds the last one
+        if start is None and prefix_len and self.prefix_cache.capacity > 0:
+            start = self.cached_prefix(tuple(ids[:prefix_len]))
+        return start
+
+    # ------------------------------------------------------------------------- prefills packed into decode steps
+    def can_pack(self) -> bool:
+        """Whether prompts joining a running batch may prefill inside its decode steps (`packed_step`): the model
+        decodes itself (no bfloat16 copy, whose numbers would then be the prefill's) and is of a packable kind."""
+        if self.decoder is not None or not packed.supports(self.model):
+            return False
+        packed.install()
+        return True
+
+    def plan_prefill(self, ids: list[int], prefix_len: int) -> packed.Joiner | None:
+        """``ids`` ready to prefill inside a packed pass: its start cache forked (as `prefill` starts), at least its
+        last token left to feed, sliding layers recording when a conversation checkpoint is due (`finish_prefill`
+        keeps it). None where the whole prompt is its cached prefix: `prefill` then takes it from the cache."""
+        if prefix_len >= len(ids):
+            return None
+        start = self._start(ids[:-1], prefix_len, head=False)
+        if start is None:
+            done, cache = 0, DynamicCache(config=self.model.config)
+        else:
+            done, cache = len(start.ids), start.fork()
+        cut = self.checkpoint_at(ids, done)
+        if cut is not None and not _can_record(cache):
+            cut = None
+        if cut is not None:
+            for layer in cache.layers:
+                if getattr(layer, "is_sliding", False):
+                    layer.activate_past_recording()
+        return packed.Joiner(list(ids), done, cache, cut)
+
+    def finish_prefill(self, joiner: packed.Joiner) -> None:
+        """After its packed pass: keep ``joiner``'s conversation checkpoint (without logits, as a body-only prefill
+        keeps it) and bring its sliding layers back to their window."""
+        if joiner.cut is not None:
+            ids, cut = joiner.ids, joiner.cut
+            checkpoint = _cut_back(joiner.cache, len(ids) - cut, cut)
+            self.prefix_cache.put_checkpoint(CachedPrefix(tuple(ids[:cut]), checkpoint, None))
+
+    def packed_step(self, feed: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor | None,
+                    joiners: list[packed.Joiner]):
+        """One forward for a running batch's pending tokens (``feed``, ``positions`` [B, 1] on ``cache`` with ``mask``
+        [B, S + 1]; B may be 0, with ``cache`` and ``mask`` None) and the prompts of ``joiners`` (`app.lm.packed`).
+        Returns (the batch's cache, logits [B + len(joiners), V]: each row's next token, then each joiner's first)."""
+        rows = feed.shape[0]
+        ids = torch.cat([feed.reshape(-1)] + [torch.tensor(j.ids[j.done:]) for j in joiners])[None]
+        pos = torch.cat([positions.reshape(-1)] + [torch.arange(j.done, len(j.ids)) for j in joiners])[None]
+        keep, end = list(range(rows)), rows
+        for j in joiners:
+            end += j.fed
+            keep.append(end - 1)
+        with self.lock, torch.inference_mode():
+            model, dev = self.model, self.device
+            for j in joiners:
+                j.cache = cast_cache(j.cache, model.dtype)
+            masks = packed.batch_masks(model, cache, None if mask is None else mask.to(dev),
+                                       None if cache is None else positions.to(dev))
+            kernels = onednn(enabled=False) if ids.numel() <= self.native_tokens else contextlib.nullcontext()
+            with kernels:
+                out = model(input_ids=ids.to(dev), cache=packed.PackedCache(cache, joiners, rows),
+                            attention_mask=masks, position_ids=pos.to(dev), use_cache=True,
+                            logits_to_keep=torch.tensor(keep, device=dev))
+        return cache, out.logits[0]
 
     def checkpoint_at(self, ids: Sequence[int], done: int) -> int | None:
         """Where to keep a conversation checkpoint in ``ids`` (already encoded up to ``done``): just after the line
