@@ -364,3 +364,47 @@ def test_a_packed_pass_gives_the_logits_and_caches_of_its_plain_passes(lm):
                                       None, None, plans)
     assert none is None and logits.shape[0] == 2
     assert all(torch.allclose(got, want, atol=1e-4) for got, (_, want) in zip(logits, plain_joiners))
+
+
+def test_a_joining_row_is_written_into_a_free_row_and_a_leaving_one_is_swapped_out():
+    """The running batch's buffers have spare rows: a chat no longer than the batch is written into one (right-aligned,
+    zeros on its left, the same buffer), a longer one gets new buffers with every row left-padded to it; and
+    `BatchScheduler._select` fills a leaving row's place with the last row, in the same buffer."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    from app.lm.batching import _SPARE_ROWS, BatchScheduler, _append_in_place, _merge
+
+    def cache_of(*rows):  # one full-attention layer, keys and values [B, 1, n, 2] holding the row's values
+        cache = DynamicCache()
+        layer = DynamicLayer()
+        layer.keys = torch.stack([r for r in rows])[:, None, :, None].expand(-1, 1, -1, 2).clone()
+        layer.values = layer.keys.clone()
+        layer.is_initialized = True
+        cache.layers = [layer]
+        return cache
+
+    batch = cache_of(torch.tensor([1.0, 2, 3, 4]))
+    mask = torch.ones(1, 4, dtype=torch.long)
+    batch, mask = _merge(batch, mask, cache_of(torch.tensor([5.0, 6, 7, 8, 9, 10])), 6)  # longer: new buffers
+    _append_in_place(batch)
+    layer = batch.layers[0]
+    buffer = layer._kbuf
+    assert buffer.shape[0] == 2 + _SPARE_ROWS
+    assert layer.keys[:, 0, :, 0].tolist() == [[0, 0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10]]
+    assert mask.tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    with torch.inference_mode():
+        layer.update(torch.full((2, 1, 1, 2), 11.0), torch.full((2, 1, 1, 2), 11.0))  # a decode step, in place
+    mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    with torch.inference_mode():
+        batch, mask = _merge(batch, mask, cache_of(torch.tensor([12.0, 13])), 2)  # shorter: into a free row
+    assert layer._kbuf is buffer
+    assert layer.keys[:, 0, :, 0].tolist() == [[0, 0, 1, 2, 3, 4, 11], [5, 6, 7, 8, 9, 10, 11], [0] * 5 + [12, 13]]
+    assert mask[2].tolist() == [0] * 5 + [1, 1]
+
+    sched = BatchScheduler.__new__(BatchScheduler)  # only the state `_select` works on
+    sched._rows, sched._cache, sched._mask, sched._compiled = ["a", "b", "c"], batch, mask, None
+    sched._select([1, 2])  # "a" leaves: "c" takes its place
+    assert sched._rows == ["c", "b"] and layer._kbuf is buffer
+    assert layer.keys[:, 0, :, 0].tolist() == [[0, 0, 0, 0, 0, 12, 13], [5, 6, 7, 8, 9, 10, 11]]
+    assert torch.equal(layer.values, layer.keys)
+    assert sched._mask.tolist() == [[0] * 5 + [1, 1], [1] * 7]

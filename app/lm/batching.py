@@ -292,7 +292,8 @@ class BatchScheduler:
             self._cache, self._mask = cache, torch.ones(1, row.pos, dtype=torch.long)
         else:
             try:
-                self._cache, self._mask = _merge(self._cache, self._mask, cache, row.pos)
+                with torch.inference_mode(self._compiled is None):  # (the buffers were made inside the model's pass)
+                    self._cache, self._mask = _merge(self._cache, self._mask, cache, row.pos)
             except Exception as exc:  # the batch may be half merged: the loop fails every row; this one too
                 row.req.sink.put((row.req.tag, LMError(f"the model failed while generating: {exc}")))
                 raise
@@ -409,13 +410,34 @@ class BatchScheduler:
         self._select(keep)
 
     def _select(self, keep: list[int]) -> None:
-        """Keep only rows ``keep``; trim slots that are padding in every remaining row."""
-        idx = torch.tensor(keep)
-        self._rows = [self._rows[i] for i in keep]
-        self._mask = self._mask[idx]
-        dev = idx.to(self.runner.device)
-        for layer in self._cache.layers:
-            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+        """Keep only rows ``keep``; trim slots that are padding in every remaining row.
+
+        A leaving row's place is taken by the last row: one row of each layer's buffer is copied and the batch's views
+        get one row shorter, instead of copying every remaining row into new tensors (twice: the next step's in-place
+        write copied them again into a buffer). The rows' order changes; nothing depends on it."""
+        rows, mask, layers = list(self._rows), self._mask, [layer for layer in self._cache.layers
+                                                           if getattr(layer, "keys", None) is not None
+                                                           and layer.keys.numel()]
+        if all(_in_buffer(layer) for layer in layers):
+            with torch.inference_mode(self._compiled is None):  # the buffers were made inside the model's pass
+                for gone in sorted(set(range(len(rows))) - set(keep), reverse=True):
+                    last = len(rows) - 1
+                    if gone != last:
+                        rows[gone] = rows[last]
+                        mask[gone] = mask[last]
+                        for layer in layers:
+                            layer.keys[gone] = layer.keys[last]
+                            layer.values[gone] = layer.values[last]
+                    rows.pop()
+                    for layer in layers:
+                        layer.keys, layer.values = layer.keys[:last], layer.values[:last]
+            self._rows, self._mask = rows, mask[: len(rows)]
+        else:  # not (yet) in buffers of the batch's own (just merged, or aliasing a cached prefix): copies
+            idx = torch.tensor(keep)
+            self._rows = [rows[i] for i in keep]
+            self._mask = mask[idx]
+            dev = idx.to(self.runner.device)
+            for layer in layers:
                 layer.keys, layer.values = layer.keys[dev], layer.values[dev]
         lead = int((self._mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-pad slots
         if lead:
@@ -423,7 +445,9 @@ class BatchScheduler:
             slots = self._mask.shape[1]
             for layer in self._cache.layers:
                 if getattr(layer, "keys", None) is not None and layer.keys.shape[-2] > slots:
-                    layer.keys, layer.values = layer.keys[:, :, -slots:], layer.values[:, :, -slots:]
+                    cut = layer.keys.shape[-2] - slots
+                    layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+                    layer._start = getattr(layer, "_start", 0) + cut  # still a view of its buffer
                 if hasattr(layer, "cumulative_length") and not torch.is_tensor(layer.cumulative_length):
                     layer.cumulative_length = slots
 
@@ -431,24 +455,28 @@ class BatchScheduler:
         self._rows, self._cache, self._mask = [], None, None
 
 
-# Free slots kept after a running batch's keys and values, so that a decode step writes its own in place.
+# Free slots kept after a running batch's keys and values, so that a decode step writes its own in place, and free
+# rows, so that a chat joining writes its own into them (`_merge`).
 _SPARE_SLOTS = 64
+_SPARE_ROWS = 4
 
 
 class _InPlaceLayer(DynamicLayer):
     """A full-attention layer of the running batch whose decode steps write into spare slots of one buffer instead of
     concatenating (transformers' `DynamicLayer` copies the layer's whole cache every step: with eight rows of ~800
-    slots that was 7.8 of a 47 ms step). Anything that replaces ``keys`` (a row joining, rows leaving) is simply
-    copied into a new buffer at the next step."""
+    slots that was 7.8 of a 47 ms step). The buffer also has spare rows, for chats that join (`_merge`); rows that
+    leave are swapped out (`BatchScheduler._select`). Anything else that replaces ``keys`` is copied into a new
+    buffer at the next step."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             return super().update(key_states, value_states, *args, **kwargs)
-        n, add = self.keys.shape[-2], key_states.shape[-2]
-        _buffered(self, 0, n, add)
-        self._kbuf[:, :, n : n + add] = key_states
-        self._vbuf[:, :, n : n + add] = value_states
-        self.keys, self.values = self._kbuf[:, :, : n + add], self._vbuf[:, :, : n + add]
+        b, n, add = key_states.shape[0], self.keys.shape[-2], key_states.shape[-2]
+        start = _buffered(self, getattr(self, "_start", 0), n, add)
+        end = start + n + add
+        self._kbuf[:b, :, start + n : end] = key_states
+        self._vbuf[:b, :, start + n : end] = value_states
+        self.keys, self.values, self._start = self._kbuf[:b, :, start:end], self._vbuf[:b, :, start:end], start
         return self.keys, self.values
 
 
@@ -459,33 +487,45 @@ class _InPlaceSlidingLayer(DynamicSlidingWindowLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized or self.record_past:
             return super().update(key_states, value_states, *args, **kwargs)
-        n, add = self.keys.shape[-2], key_states.shape[-2]
+        b, n, add = key_states.shape[0], self.keys.shape[-2], key_states.shape[-2]
         start = _buffered(self, getattr(self, "_start", 0), n, add)
         end = start + n + add
-        self._kbuf[:, :, start + n : end] = key_states
-        self._vbuf[:, :, start + n : end] = value_states
+        self._kbuf[:b, :, start + n : end] = key_states
+        self._vbuf[:b, :, start + n : end] = value_states
         self.cumulative_length += add
-        full = self._kbuf[:, :, start:end], self._vbuf[:, :, start:end]  # the window before this step and the new
+        full = self._kbuf[:b, :, start:end], self._vbuf[:b, :, start:end]  # the window before this step and the new
         kept = max(start, end - self.sliding_window + 1)  # then only the last sliding_window - 1 slots
-        self.keys, self.values, self._start = self._kbuf[:, :, kept:end], self._vbuf[:, :, kept:end], kept
+        self.keys, self.values, self._start = self._kbuf[:b, :, kept:end], self._vbuf[:b, :, kept:end], kept
         return full
+
+
+def _in_buffer(layer, add: int = 0) -> bool:
+    """Whether ``layer.keys``/``values`` are views at ``layer._start`` of the layer's own buffers (rows from the
+    first, the same layout), with room for ``add`` more slots."""
+    buf, start = getattr(layer, "_kbuf", None), getattr(layer, "_start", 0)
+    return (buf is not None and layer.keys.dtype == buf.dtype and layer.keys.shape[1] == buf.shape[1]
+            and layer.keys.shape[0] <= buf.shape[0] and layer.keys.stride() == buf.stride()
+            and start + layer.keys.shape[-2] + add <= buf.shape[-2]
+            and layer.keys.data_ptr() == buf[:, :, start:].data_ptr()
+            and layer.values.data_ptr() == layer._vbuf[:, :, start:].data_ptr())
 
 
 def _buffered(layer, start: int, n: int, add: int) -> int:
     """Make ``layer.keys``/``values`` (``n`` slots) views at ``start`` of buffers with room for ``add`` more; returns
     where they start now (0 after a new buffer)."""
-    buf = getattr(layer, "_kbuf", None)
-    if (buf is not None and layer.keys.dtype == buf.dtype and layer.keys.shape[:2] == buf.shape[:2]
-            and layer.keys.stride() == buf.stride() and start + n + add <= buf.shape[-2]
-            and layer.keys.data_ptr() == buf[:, :, start:].data_ptr()
-            and layer.values.data_ptr() == layer._vbuf[:, :, start:].data_ptr()):
+    if _in_buffer(layer, add) and getattr(layer, "_start", 0) == start:
         return start
-    b, heads, _, dim = layer.keys.shape
-    layer._kbuf = layer.keys.new_empty(b, heads, n + add + _SPARE_SLOTS, dim)
-    layer._vbuf = layer.values.new_empty(b, heads, n + add + _SPARE_SLOTS, layer.values.shape[-1])
-    layer._kbuf[:, :, :n] = layer.keys
-    layer._vbuf[:, :, :n] = layer.values
+    b = layer.keys.shape[0]
+    layer._kbuf, layer._vbuf = _new_buffers(layer.keys, layer.values, b + _SPARE_ROWS, n + add + _SPARE_SLOTS)
+    layer._kbuf[:b, :, :n] = layer.keys
+    layer._vbuf[:b, :, :n] = layer.values
+    layer._start = 0
     return 0
+
+
+def _new_buffers(keys: torch.Tensor, values: torch.Tensor, rows: int, slots: int):
+    return (keys.new_empty(rows, keys.shape[1], slots, keys.shape[-1]),
+            values.new_empty(rows, values.shape[1], slots, values.shape[-1]))
 
 
 def _append_in_place(cache) -> None:
@@ -498,14 +538,34 @@ def _append_in_place(cache) -> None:
 
 
 def _merge(cache, mask: torch.Tensor, new_cache, new_len: int):
-    """Append a batch-1 cache of ``new_len`` slots to a batched cache, left-padding whichever is shorter."""
+    """Append a batch-1 cache of ``new_len`` slots to a batched cache, left-padding whichever is shorter.
+
+    Where the batch's buffers have a free row and the new row is no longer than the batch, it is written into that
+    row (right-aligned, zeros on its left): one row copied. Otherwise every layer gets new buffers (with spare rows
+    and slots) holding the old rows and the new one, left-padded to the longer: one copy of the batch."""
     slots = max(mask.shape[1], new_len)
-    for layer, extra in zip(cache.layers, new_cache.layers):
-        if getattr(extra, "keys", None) is None or not extra.keys.numel():
-            continue
-        width = max(layer.keys.shape[-2], extra.keys.shape[-2])
-        layer.keys = torch.cat([left_pad(layer.keys, width), left_pad(extra.keys, width).to(layer.keys.dtype)])
-        layer.values = torch.cat([left_pad(layer.values, width), left_pad(extra.values, width).to(layer.values.dtype)])
+    pairs = [(layer, extra) for layer, extra in zip(cache.layers, new_cache.layers)
+             if getattr(extra, "keys", None) is not None and extra.keys.numel()]
+    direct = new_len <= mask.shape[1] and all(
+        _in_buffer(layer) and layer.keys.shape[0] < layer._kbuf.shape[0] and extra.keys.shape[-2] <= layer.keys.shape[-2]
+        for layer, extra in pairs)
+    for layer, extra in pairs:
+        b, width, n = layer.keys.shape[0], max(layer.keys.shape[-2], extra.keys.shape[-2]), extra.keys.shape[-2]
+        if direct:
+            kbuf, vbuf, start, width = layer._kbuf, layer._vbuf, layer._start, layer.keys.shape[-2]
+        else:
+            kbuf, vbuf = _new_buffers(layer.keys, layer.values, b + 1 + _SPARE_ROWS, width + _SPARE_SLOTS)
+            start, old = 0, layer.keys.shape[-2]
+            kbuf[:b, :, : width - old] = 0
+            vbuf[:b, :, : width - old] = 0
+            kbuf[:b, :, width - old : width] = layer.keys
+            vbuf[:b, :, width - old : width] = layer.values
+        kbuf[b, :, start : start + width - n] = 0
+        vbuf[b, :, start : start + width - n] = 0
+        kbuf[b, :, start + width - n : start + width] = extra.keys[0]
+        vbuf[b, :, start + width - n : start + width] = extra.values[0]
+        layer._kbuf, layer._vbuf, layer._start = kbuf, vbuf, start
+        layer.keys, layer.values = kbuf[: b + 1, :, start : start + width], vbuf[: b + 1, :, start : start + width]
         if hasattr(layer, "cumulative_length") and not torch.is_tensor(layer.cumulative_length):
             layer.cumulative_length = slots  # sliding layers: slots seen, as if the padded batch had been prefilled
     old = torch.nn.functional.pad(mask, (slots - mask.shape[1], 0))
