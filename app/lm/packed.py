@@ -19,7 +19,8 @@ The linear layers, norms and the output layer see the T tokens as one sequence, 
 [B, 1] decode step and a joiner's those of its own [1, K_j] prefill up to the order of floating-point sums.
 
 Only models whose attention layers hand ``cache.update``'s result straight to transformers' attention interface and
-take the dict of masks per layer type (Gemma 3, the embedded default) are packed (`supports`); others prefill alone.
+take the dict of masks per layer type (Gemma 3, the embedded default), on the CPU, are packed (`supports`); others
+prefill a joining chat alone.
 """
 from __future__ import annotations
 
@@ -93,9 +94,15 @@ class PackedCache:
 
 
 def supports(model) -> bool:
-    """Whether ``model`` can run packed passes (its type is one checked end to end, with sdpa attention)."""
+    """Whether ``model`` can run packed passes: its type is one checked end to end, with sdpa attention, on the CPU
+    (where a pass's fixed cost is what packing saves; on a GPU it has not been run here, so GPUs keep the body-only
+    prefill of a joining chat)."""
     cfg = getattr(model, "config", None)
-    return (getattr(cfg, "model_type", None) in _MODEL_TYPES
+    try:
+        on_cpu = next(model.parameters()).device.type == "cpu"
+    except (AttributeError, StopIteration):
+        return False
+    return (on_cpu and getattr(cfg, "model_type", None) in _MODEL_TYPES
             and getattr(cfg, "_attn_implementation", None) == "sdpa")
 
 
