@@ -165,10 +165,7 @@ class ModelRunner:
     def can_pack(self) -> bool:
         """Whether prompts joining a running batch may prefill inside its decode steps (`packed_step`): the model
         decodes itself (no bfloat16 copy, whose numbers would then be the prefill's) and is of a packable kind."""
-        if self.decoder is not None or not packed.supports(self.model):
-            return False
-        packed.install()
-        return True
+        return self.decoder is None and packed.supports(self.model) and packed.install()
 
     def plan_prefill(self, ids: list[int], prefix_len: int) -> packed.Joiner | None:
         """``ids`` ready to prefill inside a packed pass: its start cache forked (as `prefill` starts), at least its

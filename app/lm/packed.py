@@ -124,22 +124,26 @@ def batch_masks(model, cache, mask: torch.Tensor, positions: torch.Tensor) -> di
 
 
 @functools.cache
-def install() -> None:
+def install() -> bool:
     """Let transformers' "sdpa" attention take packed passes: a layer whose cache update handed it `_Parts` gets
     `_packed_attention`; every other call (any model, any thread) goes to the function registered before, unchanged.
     (Switching the model's attention implementation for the pass instead would be seen by threads that read it
-    outside the forward lock, such as the scorer building its masks.)"""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    outside the forward lock, such as the scorer building its masks.) False where this transformers has no such
+    registry: joining chats then prefill alone."""
+    try:
+        from transformers import AttentionInterface
 
-    plain = AttentionInterface._global_mapping.get("sdpa", sdpa_attention_forward)
+        plain = AttentionInterface()["sdpa"]
 
-    def sdpa_or_packed(module, query, key, value, attention_mask, **kwargs):
-        if isinstance(key, _Parts):
-            return _packed_attention(plain, module, query, key, value, attention_mask, **kwargs)
-        return plain(module, query, key, value, attention_mask, **kwargs)
+        def sdpa_or_packed(module, query, key, value, attention_mask, **kwargs):
+            if isinstance(key, _Parts):
+                return _packed_attention(plain, module, query, key, value, attention_mask, **kwargs)
+            return plain(module, query, key, value, attention_mask, **kwargs)
 
-    AttentionInterface.register("sdpa", sdpa_or_packed)
+        AttentionInterface.register("sdpa", sdpa_or_packed)
+    except (ImportError, AttributeError, KeyError, TypeError):
+        return False
+    return True
 
 
 def _packed_attention(sdpa, module, query: torch.Tensor, key: _Parts, value: _Parts, attention_mask: _Masks,
