@@ -305,11 +305,12 @@ class BatchScheduler:
         """One forward for every row's pending token (and the prompts joining, packed into it), then each row's next
         token; finished rows leave, joined prompts become rows."""
         self._drop([i for i, r in enumerate(self._rows) if r.req.cancelled.is_set()])
-        joiners, self._joiners = self._joiners, []
-        for row, _ in joiners:
+        waiting, self._joiners, joiners = self._joiners, [], []
+        for row, joiner in waiting:  # one check per joiner: one that left now is answered, never dropped unanswered
             if row.req.cancelled.is_set():
                 self._finish(row)
-        joiners = [(row, j) for row, j in joiners if not row.req.cancelled.is_set()]
+            else:
+                joiners.append((row, joiner))
         rows = self._rows
         if not rows and not joiners:
             return
@@ -471,12 +472,8 @@ class _InPlaceLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             return super().update(key_states, value_states, *args, **kwargs)
-        b, n, add = key_states.shape[0], self.keys.shape[-2], key_states.shape[-2]
-        start = _buffered(self, getattr(self, "_start", 0), n, add)
-        end = start + n + add
-        self._kbuf[:b, :, start + n : end] = key_states
-        self._vbuf[:b, :, start + n : end] = value_states
-        self.keys, self.values, self._start = self._kbuf[:b, :, start:end], self._vbuf[:b, :, start:end], start
+        b, start, end = _write_in_place(self, key_states, value_states)
+        self.keys, self.values = self._kbuf[:b, :, start:end], self._vbuf[:b, :, start:end]
         return self.keys, self.values
 
 
@@ -487,12 +484,8 @@ class _InPlaceSlidingLayer(DynamicSlidingWindowLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized or self.record_past:
             return super().update(key_states, value_states, *args, **kwargs)
-        b, n, add = key_states.shape[0], self.keys.shape[-2], key_states.shape[-2]
-        start = _buffered(self, getattr(self, "_start", 0), n, add)
-        end = start + n + add
-        self._kbuf[:b, :, start + n : end] = key_states
-        self._vbuf[:b, :, start + n : end] = value_states
-        self.cumulative_length += add
+        b, start, end = _write_in_place(self, key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
         full = self._kbuf[:b, :, start:end], self._vbuf[:b, :, start:end]  # the window before this step and the new
         kept = max(start, end - self.sliding_window + 1)  # then only the last sliding_window - 1 slots
         self.keys, self.values, self._start = self._kbuf[:b, :, kept:end], self._vbuf[:b, :, kept:end], kept
@@ -510,12 +503,23 @@ def _in_buffer(layer, add: int = 0) -> bool:
             and layer.values.data_ptr() == layer._vbuf[:, :, start:].data_ptr())
 
 
-def _buffered(layer, start: int, n: int, add: int) -> int:
-    """Make ``layer.keys``/``values`` (``n`` slots) views at ``start`` of buffers with room for ``add`` more; returns
-    where they start now (0 after a new buffer)."""
-    if _in_buffer(layer, add) and getattr(layer, "_start", 0) == start:
-        return start
-    b = layer.keys.shape[0]
+def _write_in_place(layer, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[int, int, int]:
+    """Write a step's keys and values [B, heads, add, head_dim] after ``layer``'s own, into its buffers (`_buffered`).
+    Returns (B, start, end): the layer's slots, old and new, are ``[:B, :, start:end]`` of the buffers now."""
+    b, n = key_states.shape[0], layer.keys.shape[-2]
+    start = _buffered(layer, key_states.shape[-2])
+    end = start + n + key_states.shape[-2]
+    layer._kbuf[:b, :, start + n : end] = key_states
+    layer._vbuf[:b, :, start + n : end] = value_states
+    return b, start, end
+
+
+def _buffered(layer, add: int) -> int:
+    """Make ``layer.keys``/``values`` views of buffers with room for ``add`` more slots (new buffers, with spare rows
+    and slots, when they are not yet or the room ran out); returns where they start in them (``layer._start``)."""
+    if _in_buffer(layer, add):
+        return getattr(layer, "_start", 0)
+    b, n = layer.keys.shape[0], layer.keys.shape[-2]
     layer._kbuf, layer._vbuf = _new_buffers(layer.keys, layer.values, b + _SPARE_ROWS, n + add + _SPARE_SLOTS)
     layer._kbuf[:b, :, :n] = layer.keys
     layer._vbuf[:b, :, :n] = layer.values
