@@ -408,3 +408,20 @@ def test_a_joining_row_is_written_into_a_free_row_and_a_leaving_one_is_swapped_o
     assert layer.keys[:, 0, :, 0].tolist() == [[0, 0, 0, 0, 0, 12, 13], [5, 6, 7, 8, 9, 10, 11]]
     assert torch.equal(layer.values, layer.keys)
     assert sched._mask.tolist() == [[0] * 5 + [1, 1], [1] * 7]
+
+
+def test_without_transformers_attention_registry_packing_is_off_instead_of_failing(monkeypatch):
+    """`packed.install` wraps transformers' registered sdpa function; a transformers without that registry turns
+    packing off (joining chats then prefill alone) rather than failing the model's load."""
+    import transformers
+
+    from app.lm import packed
+
+    class NoRegistry:
+        def __getitem__(self, name):
+            raise KeyError(name)
+
+    monkeypatch.setattr(transformers, "AttentionInterface", NoRegistry)
+    assert packed.install.__wrapped__() is False
+    monkeypatch.undo()
+    assert packed.install() is True
