@@ -344,17 +344,19 @@ def test_selector_shots_deepens_the_history_selectors_prompts_only(tmp_path, lm)
     from app.router import build_router
     from app.settings import Settings
 
-    s = Settings.load(env={"FSB_SELECTOR_SHOTS": "5"}, data_dir=tmp_path)
-    assert s.selector_shots == 5 and Settings.load(env={}).selector_shots == 0
+    s = Settings.load(env={"FSB_SELECTOR_SHOTS": "7"}, data_dir=tmp_path)
+    assert s.selector_shots == 7 and Settings.load(env={}).selector_shots == 0
     registry = SkillRegistry(s.skills_dir)
     router = build_router(s, registry, lm, HashingEmbedder())
     history = {c.name: c for c in router.selector.source()}
     first = {c.name: c for c in router.first_stage.source()}
-    assert history["wow"].shots == 5 and first["wow"].shots == registry.get("wow").selector_shots == 2
-    assert history["assistant"].shots == registry.get("assistant").selector_shots  # more than 5 already: kept
+    # wow's prompt shows 2 + 4 (its shot pool, selector_prompt_shots) without the setting: 7 deepens it by one
+    assert registry.get("wow").selector_shots + registry.get("wow").selector_prompt_shots == 6
+    assert history["wow"].shots == 7 and first["wow"].shots == registry.get("wow").selector_shots == 2
+    assert history["assistant"].shots == registry.get("assistant").selector_shots == 8  # more than 7 already: kept
     prefix = router.selector.prompt.prefix(history["wow"])
     assert all(SelectorLayout.load(s.prompts_dir / "selector.yaml").dialogue(d) in prefix
-               for d in history["wow"].examples[:5])
+               for d in history["wow"].examples[:7])
     with pytest.raises(ValueError, match="FSB_SELECTOR_SHOTS must be a whole number"):
         Settings.load(env={"FSB_SELECTOR_SHOTS": "many"})
 

@@ -195,8 +195,9 @@ def test_a_trigger_that_is_not_a_regular_expression_is_reported_with_its_line(tm
 def test_selector_examples_join_the_selectors_dialogues_but_never_the_reply_prompt(tmp_path):
     from app.selector import candidates_from_skills
 
-    wow = load_skill(SKILLS / "wow.yaml")
-    assert wow.selector_examples and wow.selector_prompt_shots == 0  # a knowledge skill: no shot pool
+    shipped = load_skill(SKILLS / "wow.yaml")
+    assert shipped.selector_examples and shipped.selector_prompt_shots == 4  # the shot pool (bench/pool_shots.py)
+    wow = shipped.model_copy(update={"selector_prompt_shots": 0})  # without prompt shots: examples, then the rest
     candidate = candidates_from_skills([wow])[0]
     assert len(candidate.examples) == len(wow.examples) + len(wow.selector_examples)
     first_extra = wow.selector_examples[0]["dialogue"][0][0]
@@ -377,8 +378,11 @@ def test_pool_shots_writes_the_pool_once_at_the_head_of_selector_examples(tmp_pa
     (pool / "ed" / "valid.json").write_text(json.dumps(records), encoding="utf-8")
     skills = tmp_path / "skills"
     skills.mkdir()
-    (skills / "ed.yaml").write_text((SKILLS / "ed.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    # the shipped file without its pool: our own selector examples only
+    (skills / "ed.yaml").write_text(pool_shots.drop((SKILLS / "ed.yaml").read_text(encoding="utf-8")),
+                                    encoding="utf-8")
     own = load_skill(skills / "ed.yaml").selector_examples
+    assert own and load_skill(skills / "ed.yaml").selector_prompt_shots == 0
 
     args = ["--skills", str(skills), "--pool", str(pool), "--dialogues", "3"]
     assert pool_shots.main([*args, "--check"]) == 1
@@ -393,10 +397,14 @@ def test_pool_shots_writes_the_pool_once_at_the_head_of_selector_examples(tmp_pa
     assert pool_shots.main(["--skills", str(skills), "--pool", str(pool), "--dialogues", "5", "--shots", "2"]) == 0
     ed = load_skill(skills / "ed.yaml")
     assert len(ed.selector_examples) == 5 + len(own) and ed.selector_prompt_shots == 2
-    # a knowledge skill gets none, and loses a block it had
+    # a knowledge skill gets one too; with --no-knowledge it gets none, and loses a block it had
     shutil.copytree(pool / "ed", pool / "wow")
-    (skills / "wow.yaml").write_text(pool_shots.rewrite((SKILLS / "wow.yaml").read_text(encoding="utf-8"),
-                                                        pool_shots.pool_block("wow", 3, pool), 4), encoding="utf-8")
-    assert load_skill(skills / "wow.yaml").selector_prompt_shots == 4
-    assert pool_shots.main(["--skills", str(skills), "--pool", str(pool)]) == 0
-    assert (skills / "wow.yaml").read_text(encoding="utf-8") == (SKILLS / "wow.yaml").read_text(encoding="utf-8")
+    shipped = (SKILLS / "wow.yaml").read_text(encoding="utf-8")
+    (skills / "wow.yaml").write_text(pool_shots.drop(shipped), encoding="utf-8")
+    assert pool_shots.main(["--skills", str(skills), "--pool", str(pool), "--dialogues", "3"]) == 0
+    wow = load_skill(skills / "wow.yaml")
+    assert wow.selector_prompt_shots == 4 and [e["dialogue"] for e in wow.selector_examples[:3]] == \
+        [r["dialogue"] for r in records[:3]]
+    assert pool_shots.main(["--skills", str(skills), "--pool", str(pool), "--no-knowledge"]) == 0
+    assert (skills / "wow.yaml").read_text(encoding="utf-8") == pool_shots.drop(shipped)
+    assert load_skill(skills / "wow.yaml").selector_prompt_shots == 0
