@@ -31,6 +31,14 @@ warmed). On the code of 2026-12-05 the same pool had made a turn ~60% slower (me
 stops 30-32 shipped without it; the history selector's conversation checkpoints and the faster scoring passes since
 then took that cost away.
 
+Tried with the pool and not changed (stop 33, same measure): a shortlist of 5 (``FSB_SELECTOR_SHORTLIST``) gave
+selector-dev's fit part 0.829 -> 0.843 but its report part 0.823 unchanged, live-chat 0.706 -> 0.691 and live-chat-2
+0.464 -> 0.429. Keeping small talk from the knowledge skills costs what the pool gains (offline, on the routes of the
+table's shipped row): handing a knowledge skill's turn to a chit-chat skill when the last message has no question
+mark and its turn vote is below 0 keeps live-chat's small talk to a knowledge skill at 1 of 57 but selector-dev falls
+to 0.789 (fit part 0.793); below -0.5, 0.815 and 3 of 57; the small-talk floor moved alone (-0.85 -> -0.5), 0.807 and
+2 of 57. Pooling every skill but wit: selector-dev 0.804, live-chat 0.691 (4 of 57).
+
 (Earlier variants, 2026-12-05, every dataset skill: the 20 dialogues for the embedding ranking only 0.793; 4 pool
 shots instead of ours 0.811, 8 instead of ours 0.811 but worse on selector-dev's fit half, 4 before ours 0.807.)
 
