@@ -26,13 +26,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-label", type=int, default=10)
     ap.add_argument("--seed", type=int, default=33)
+    ap.add_argument("--pool", type=Path, default=POOL, help="one folder per label and selector-dev.jsonl, as shared/data/fsb")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "data" / "selector-holdout.jsonl")
     args = ap.parse_args(argv)
-    dev = [json.loads(line) for line in (POOL / "selector-dev.jsonl").open(encoding="utf-8")]
+    dev = [json.loads(line) for line in (args.pool / "selector-dev.jsonl").open(encoding="utf-8")]
     rng = random.Random(args.seed)
     out = []
     for label in dict.fromkeys(e["skill"] for e in dev):
-        records = json.loads(sorted((POOL / label).glob("*.json"))[0].read_text(encoding="utf-8"))
+        records = json.loads(sorted((args.pool / label).glob("*.json"))[0].read_text(encoding="utf-8"))
         used = {(e["dialogue"][-1][0], e["gold_reply"]) for e in dev if e["skill"] == label}
         free = [r for r in records[POOL_N:] if r["dialogue"] and not any(tuple(t) in used for t in r["dialogue"])]
         for r in rng.sample(free, min(args.per_label, len(free))):

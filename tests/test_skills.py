@@ -408,3 +408,39 @@ def test_pool_shots_writes_the_pool_once_at_the_head_of_selector_examples(tmp_pa
     assert pool_shots.main(["--skills", str(skills), "--pool", str(pool), "--no-knowledge"]) == 0
     assert (skills / "wow.yaml").read_text(encoding="utf-8") == pool_shots.drop(shipped)
     assert load_skill(skills / "wow.yaml").selector_prompt_shots == 0
+
+
+def test_selector_holdout_uses_no_dialogue_of_the_pool_or_of_selector_dev(tmp_path):
+    """`bench/selector_holdout.py`: examples only from dialogues after the shot pool's first 20 that no selector-dev
+    example comes from, cut like selector-dev's (at most four turns before an open user turn, the bot's reply as
+    gold); the same seed writes the same file, and a label with nothing left gets no example."""
+    import importlib.util
+    import json
+
+    from app.settings import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("selector_holdout", REPO_ROOT / "bench" / "selector_holdout.py")
+    holdout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(holdout)
+    pool = tmp_path / "pool"
+    for label, n in (("ed", 30), ("mwoz-train", 22)):
+        (pool / label).mkdir(parents=True)
+        records = [{"dialogue": [[f"{label} {i} u{j}", f"{label} {i} b{j}"] for j in range(1 + i % 7)]} for i in range(n)]
+        (pool / label / "valid.json").write_text(json.dumps(records), encoding="utf-8")
+    dev = [{"skill": "ed", "dialogue": [["ed 25 u0", ""]], "gold_reply": "ed 25 b0"},
+           {"skill": "mwoz-train", "dialogue": [["mwoz-train 20 u0", ""]], "gold_reply": "mwoz-train 20 b0"},
+           {"skill": "mwoz-train", "dialogue": [["mwoz-train 21 u0", ""]], "gold_reply": "mwoz-train 21 b0"}]
+    (pool / "selector-dev.jsonl").write_text("".join(json.dumps(e) + "\n" for e in dev), encoding="utf-8")
+    out = tmp_path / "holdout.jsonl"
+    assert holdout.main(["--pool", str(pool), "--out", str(out), "--per-label", "20"]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    written = out.read_text(encoding="utf-8")
+    assert {r["skill"] for r in rows} == {"ed"} and len(rows) == 9  # ed 20..29 but 25; mwoz-train has none left
+    sources = {int(r["dialogue"][-1][0].split()[1]) for r in rows}
+    assert sources == set(range(20, 30)) - {25}
+    for r in rows:
+        i, j = map(int, r["dialogue"][-1][0].replace("u", "").split()[1:])
+        assert r["dialogue"][-1] == [f"ed {i} u{j}", ""] and r["gold_reply"] == f"ed {i} b{j}"
+        assert r["dialogue"][:-1] == [[f"ed {i} u{k}", f"ed {i} b{k}"] for k in range(max(0, j - 4), j)]
+    assert holdout.main(["--pool", str(pool), "--out", str(out), "--per-label", "20"]) == 0
+    assert out.read_text(encoding="utf-8") == written
