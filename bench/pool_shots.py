@@ -41,7 +41,10 @@ selector-dev's fit part 0.829 -> 0.843 but its report part 0.823 unchanged, live
 table's shipped row): handing a knowledge skill's turn to a chit-chat skill when the last message has no question
 mark and its turn vote is below 0 keeps live-chat's small talk to a knowledge skill at 1 of 57 but selector-dev falls
 to 0.789 (fit part 0.793); below -0.5, 0.815 and 3 of 57; the small-talk floor moved alone (-0.85 -> -0.5), 0.807 and
-2 of 57. Pooling every skill but wit: selector-dev 0.804, live-chat 0.691 (4 of 57).
+2 of 57. Pooling every skill but wit: selector-dev 0.804, live-chat 0.691 (4 of 57). Six pool shots in the prompt
+(``--shots 6``): fit part 0.814, report part 0.815, live-chat 0.721, live-chat-2 0.500 (worse on the fit part, so
+not taken). Forty pool dialogues (``--dialogues 40``): fit part 0.843, report part 0.815, live-chat and live-chat-2
+unchanged: two fit dialogues more, one report dialogue less, for 300 more dialogues to embed at a first start.
 
 (Earlier variants, 2026-12-05, every dataset skill: the 20 dialogues for the embedding ranking only 0.793; 4 pool
 shots instead of ours 0.811, 8 instead of ours 0.811 but worse on selector-dev's fit half, 4 before ours 0.807.)
