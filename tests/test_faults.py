@@ -92,8 +92,12 @@ def test_a_skill_folder_that_is_not_there_stops_the_server_before_it_loads(tmp_p
 
 
 SLOW_WARM_UP = """
-import sys, torch
+import signal, sys, torch
 from app.bot import Bot
+
+# Ctrl-C as in a terminal: a runner started as a background job passes SIGINT on ignored, and uvicorn then restores
+# "ignored" after its graceful shutdown, so the process would exit 0 instead of 130
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from app.cli import cli
 
 def warm(self, progress=None):  # a warm-up that is always in the middle of a long forward pass
