@@ -63,17 +63,24 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = ROOT.parent / "shared" / "data" / "fsb"
+DIALOGUES = 20  # the pool's size per skill (--dialogues)
 KNOWLEDGE = ("kb", "web", "kg")  # the knowledge skills' retrievers: --no-knowledge gives these skills no pool
 BEGIN = "  # -- the shot pool: the first {n} dialogues of {src} (bench/pool_shots.py) --"
 END = "  # -- end of the shot pool --"
 
 
-def pool_block(label: str, n: int, pool: Path = POOL) -> list[str] | None:
+def pool_file(label: str, pool: Path = POOL) -> Path | None:
+    """The file of ``label``'s folder whose first dialogues are the pool (None: no such folder or file)."""
     files = sorted((pool / label).glob("*.json")) if (pool / label).is_dir() else []
-    if not files:
+    return files[0] if files else None
+
+
+def pool_block(label: str, n: int, pool: Path = POOL) -> list[str] | None:
+    path = pool_file(label, pool)
+    if path is None:
         return None
-    records = json.loads(files[0].read_text(encoding="utf-8"))[:n]
-    src = Path(pool.name) / files[0].relative_to(pool) if pool != POOL else files[0].relative_to(ROOT.parent)
+    records = json.loads(path.read_text(encoding="utf-8"))[:n]
+    src = Path(pool.name) / path.relative_to(pool) if pool != POOL else path.relative_to(ROOT.parent)
     out = [BEGIN.format(n=len(records), src=src)]
     for i, record in enumerate(records):
         out.append(f"  - dialogue:  # {src} #{i}")
@@ -106,7 +113,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--skills", type=Path, default=ROOT / "skills")
     ap.add_argument("--pool", type=Path, default=POOL, help="one folder per dataset label, as shared/data/fsb")
-    ap.add_argument("--dialogues", type=int, default=20)
+    ap.add_argument("--dialogues", type=int, default=DIALOGUES)
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--no-knowledge", dest="knowledge", action="store_false",
                     help="leave the knowledge skills (wow, wit, dialkg) without a pool")

@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-POOL = ROOT.parent / "shared" / "data" / "fsb"
-POOL_N = 20
+sys.path.insert(0, str(ROOT / "bench"))
+
+from pool_shots import DIALOGUES, POOL, pool_file  # noqa: E402  (the pool's file and size: never sampled here)
 
 
 def main(argv=None) -> int:
@@ -33,9 +35,9 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     out = []
     for label in dict.fromkeys(e["skill"] for e in dev):
-        records = json.loads(sorted((args.pool / label).glob("*.json"))[0].read_text(encoding="utf-8"))
+        records = json.loads(pool_file(label, args.pool).read_text(encoding="utf-8"))
         used = {(e["dialogue"][-1][0], e["gold_reply"]) for e in dev if e["skill"] == label}
-        free = [r for r in records[POOL_N:] if r["dialogue"] and not any(tuple(t) in used for t in r["dialogue"])]
+        free = [r for r in records[DIALOGUES:] if r["dialogue"] and not any(tuple(t) in used for t in r["dialogue"])]
         for r in rng.sample(free, min(args.per_label, len(free))):
             turns = [[u or "", b or ""] for u, b in r["dialogue"]]
             j = rng.randrange(len(turns))

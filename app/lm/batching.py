@@ -532,6 +532,13 @@ def _new_buffers(keys: torch.Tensor, values: torch.Tensor, rows: int, slots: int
             values.new_empty(rows, values.shape[1], slots, values.shape[-1]))
 
 
+def _right_aligned(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Write ``src`` into the last slots of ``dst`` (slots on dim -2) and zeros into the slots before it."""
+    pad = dst.shape[-2] - src.shape[-2]
+    dst[..., :pad, :] = 0
+    dst[..., pad:, :] = src
+
+
 def _append_in_place(cache) -> None:
     """Give the running batch's layers the in-place update (only layers of exactly transformers' dynamic kinds)."""
     for layer in getattr(cache, "layers", ()):
@@ -554,20 +561,16 @@ def _merge(cache, mask: torch.Tensor, new_cache, new_len: int):
         _in_buffer(layer) and layer.keys.shape[0] < layer._kbuf.shape[0] and extra.keys.shape[-2] <= layer.keys.shape[-2]
         for layer, extra in pairs)
     for layer, extra in pairs:
-        b, width, n = layer.keys.shape[0], max(layer.keys.shape[-2], extra.keys.shape[-2]), extra.keys.shape[-2]
+        b, width = layer.keys.shape[0], max(layer.keys.shape[-2], extra.keys.shape[-2])  # direct: the batch's width
         if direct:
-            kbuf, vbuf, start, width = layer._kbuf, layer._vbuf, layer._start, layer.keys.shape[-2]
+            kbuf, vbuf, start = layer._kbuf, layer._vbuf, layer._start
         else:
             kbuf, vbuf = _new_buffers(layer.keys, layer.values, b + 1 + _SPARE_ROWS, width + _SPARE_SLOTS)
-            start, old = 0, layer.keys.shape[-2]
-            kbuf[:b, :, : width - old] = 0
-            vbuf[:b, :, : width - old] = 0
-            kbuf[:b, :, width - old : width] = layer.keys
-            vbuf[:b, :, width - old : width] = layer.values
-        kbuf[b, :, start : start + width - n] = 0
-        vbuf[b, :, start : start + width - n] = 0
-        kbuf[b, :, start + width - n : start + width] = extra.keys[0]
-        vbuf[b, :, start + width - n : start + width] = extra.values[0]
+            start = 0
+            _right_aligned(kbuf[:b, :, :width], layer.keys)
+            _right_aligned(vbuf[:b, :, :width], layer.values)
+        _right_aligned(kbuf[b, :, start : start + width], extra.keys[0])
+        _right_aligned(vbuf[b, :, start : start + width], extra.values[0])
         layer._kbuf, layer._vbuf, layer._start = kbuf, vbuf, start
         layer.keys, layer.values = kbuf[: b + 1, :, start : start + width], vbuf[: b + 1, :, start : start + width]
         if hasattr(layer, "cumulative_length") and not torch.is_tensor(layer.cumulative_length):

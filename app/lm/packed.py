@@ -157,7 +157,7 @@ def _packed_attention(sdpa, module, query: torch.Tensor, key: _Parts, value: _Pa
         b = key.batch.shape[0]
         q = query[0, :, :b].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
         out, _ = sdpa(module, q, key.batch, value.batch, attention_mask.batch, is_causal=False,
-                                        **kwargs)  # [B, 1, heads, d]
+                      **kwargs)  # [B, 1, heads, d]
         outs.append(out.reshape(1, b, *out.shape[2:]))
     start = b
     for k, v, fed in zip(key.joiners, value.joiners, key.fed):
