@@ -228,7 +228,7 @@ def build_router(settings, skills: SkillRegistry, lm, embedder) -> Router:
         selector = Selector(registry_source(skills), lm=lm, embedder=embedder, layout=layout,
                             method=settings.selector, fallback=settings.fallback_skill or None,
                             sure_margin=settings.selector_sure_margin, shots=settings.selector_shots,
-                            shortlist=settings.selector_shortlist, checkpoints=True,
+                            shortlist=settings.selector_shortlist, weight=settings.selector_weight, checkpoints=True,
                             family_margin=settings.selector_family_margin)
         if settings.safety:
             first = load_first_stage(settings, skills, lm, embedder, layout, settings.selector)

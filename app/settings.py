@@ -80,6 +80,9 @@ class Settings:
     # 270 dialogues (hybrid alone: 2 -> 0.757, 3 -> 0.807, 4 -> 0.814 accuracy, macro-F1 0.738 -> 0.794 from 3 to 4;
     # the LM's pass grows with it: median 0.47 -> 0.54 s when it runs).
     selector_shortlist: int = 4
+    # The hybrid selector's combination: the LM's score plus this many times the embedding score (1.0 makes the cosine a
+    # tie-breaker). `bench/fit_selector.py` measures others; none has beaten 1.0 on the whole router (its docstring).
+    selector_weight: float = 1.0
     # The family vote (`app.selector.FamilyVote`): a booking skill hands the turn to the sibling the last message
     # clearly asks for ("I also need a taxi" after a hotel booking) when that sibling leads by this cosine margin
     # (0 = off). Fitted by `bench/fit_family.py` on the fit halves of selector-dev and tests/data/live-chat.jsonl.

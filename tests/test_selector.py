@@ -330,9 +330,11 @@ def test_the_sure_margin_comes_from_the_environment_and_reaches_the_shipped_sele
     s = Settings.load(env={"FSB_SELECTOR_SURE_MARGIN": "0.3"}, data_dir=tmp_path)
     assert s.selector_sure_margin == 0.3
     router = build_router(s.replace(safety=False), SkillRegistry(s.skills_dir), lm, HashingEmbedder())
-    assert router.selector.sure_margin == 0.3 and router.selector.shortlist == 4
+    assert router.selector.sure_margin == 0.3 and router.selector.shortlist == 4 and router.selector.weight == 1.0
     assert build_router(s.replace(safety=False, selector_shortlist=2), SkillRegistry(s.skills_dir), lm,
                         HashingEmbedder()).selector.shortlist == 2
+    weighted = Settings.load(env={"FSB_SELECTOR_WEIGHT": "0.25"}, data_dir=tmp_path).replace(safety=False)
+    assert build_router(weighted, SkillRegistry(s.skills_dir), lm, HashingEmbedder()).selector.weight == 0.25
     off = build_router(s.replace(safety=False, selector_sure_margin=0.0), SkillRegistry(s.skills_dir), lm,
                        HashingEmbedder())
     assert off.selector.sure_margin is None  # 0: the LM always scores the shortlist
