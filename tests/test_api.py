@@ -87,6 +87,13 @@ def test_stream_ends_with_done(live_server):
     (b'{"model": "fsb", "messages": []}', 400, "messages"),
     (b'{"model": "fsb", "messages": [{"role": "user", "content": 5}]}', 400, "messages.0.content"),
     (b'{"model": "fsb", "messages": [{"role": "robot", "content": "hi"}]}', 400, "messages.0.role"),
+    (b'{"model": "fsb", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, '
+     b'"tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, '
+     b'{"role": "user", "content": "ok"}]}', 400, "messages.1.content"),
+    (b'{"model": "fsb", "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "1", '
+     b'"content": "42"}]}', 400, "messages.1.role"),
+    (b'{"model": "fsb", "messages": [{"role": "user", "content": [{"type": "image_url", '
+     b'"image_url": {"url": "http://x/y.png"}}]}]}', 400, "messages.0.content"),
     (b'{"model": "fsb", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', 400, "stream"),
     (b'{"model": "fsb", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}', 400, "max_tokens"),
     (b'{"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),

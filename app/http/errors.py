@@ -70,7 +70,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if err.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {err.get('msg')}", None
     param = ".".join(loc) or None
-    return (f"{param}: {err.get('msg')}" if param else err.get("msg", "invalid request")), param
+    msg = str(err.get("msg") or "invalid request").removeprefix("Value error, ")  # pydantic's prefix for our own checks
+    return (f"{param}: {msg}" if param else msg), param
 
 
 def install_handlers(app: FastAPI, settings, metrics) -> None:

@@ -16,6 +16,28 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: Union[StrictStr, list[TextPart]]
 
+    @field_validator("role", mode="before")
+    @classmethod
+    def _no_tools(cls, role):
+        if role in ("tool", "function"):
+            raise ValueError(f"{role!r} messages are not served: the bot calls no tools; send the conversation's "
+                             "text as user and assistant messages")
+        return role
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content):
+        """Say what is wrong in the client's terms, not the union's (a tool call with no text, an image part)."""
+        if content is None:
+            raise ValueError("a message needs text content (an assistant message that only calls tools has none: the "
+                             "bot calls no tools)")
+        if isinstance(content, list):
+            kinds = {p.get("type") for p in content if isinstance(p, dict)} - {"text"}
+            if kinds:
+                raise ValueError(f"only text parts are served, not {', '.join(sorted(map(str, kinds)))}; send the "
+                                 "text alone")
+        return content
+
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
