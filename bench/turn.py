@@ -421,6 +421,7 @@ def sweep(url: str, server, conversations: list[dict], clients: int, turns: int,
     players: list[Conversation] = []
     http = [httpx.Client(timeout=600) for _ in range(clients)]
     barrier = threading.Barrier(clients + 1)
+    done_at = [0.0] * clients  # when each client played its last turn (perf_counter)
 
     def run(n: int) -> None:
         player = players[n]
@@ -439,6 +440,7 @@ def sweep(url: str, server, conversations: list[dict], clients: int, turns: int,
                 if not r["ok"] and r["error"] and r["error"].startswith("http 429"):
                     time.sleep(1.0)
             k += 1
+        done_at[n] = time.perf_counter()
 
     for n in range(clients):
         players.append(Conversation(http[n], url, server, max_tokens, f"{USER}-sweep{clients}-{n}"))
@@ -465,6 +467,9 @@ def sweep(url: str, server, conversations: list[dict], clients: int, turns: int,
         "turns_per_s": len(ok) / wall if wall > 0 else None,
         "ttft_p50_s": pct(ttfts, 50), "ttft_p95_s": pct(ttfts, 95),
         "turn_p50_s": pct([r["turn"] for r in ok], 50), "turn_p95_s": pct([r["turn"] for r in ok], 95),
+        # each client's last turn's end, seconds from the start: a fixed number of turns per client ends with a
+        # drain, the last clients decoding in a batch of one or two while the others are done
+        "clients_done_s": sorted(round(t - started, 2) for t in done_at),
     }
     say(f"[turn] sweep {clients} clients: {len(ok)}/{len(results)} turns in {wall:.1f} s, "
         f"{out['tokens_per_s'] or 0:.2f} tok/s, TTFT p50 {out['ttft_p50_s'] or 0:.2f} s")
@@ -623,6 +628,11 @@ def print_table(res: dict, out) -> None:
             p(f"{s['clients']:>7} {s['turns']:>5} {sum(s['errors'].values()):>6} {s['wall_s']:7.1f} "
               f"{fmt(s['tokens_per_s'], 7)} {fmt(s['turns_per_s'], 7)} | {fmt(s['ttft_p50_s'], 8)} "
               f"{fmt(s['ttft_p95_s'])} | {fmt(s['turn_p50_s'], 8)} {fmt(s['turn_p95_s'])}")
+        for s in res["sweep"]:
+            done = s.get("clients_done_s") or []
+            if len(done) > 1:
+                p(f"{s['clients']} clients: the first finished after {done[0]:.1f} s, the last after {done[-1]:.1f} s "
+                  f"({done[0] / done[-1]:.0%} of the wall with every client busy)")
         sources = Counter()
         for s in res["sweep"]:
             sources.update(s["tokens_from"])

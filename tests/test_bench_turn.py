@@ -49,3 +49,5 @@ def test_turn_benchmark_prints_one_json_object_with_positive_numbers(tmp_path):
     assert res["tokens_per_s_2_serial"] > 0
     assert [s["clients"] for s in res["sweep"]] == [1, 2]
     assert all(s["turns"] == 2 * s["clients"] and s["tokens"] > 0 for s in res["sweep"])
+    for s in res["sweep"]:  # when each client was done, from the sweep's start: within its wall time
+        assert len(s["clients_done_s"]) == s["clients"] and all(0 < t <= s["wall_s"] + 0.01 for t in s["clients_done_s"])
