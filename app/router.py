@@ -13,7 +13,7 @@ The stages, in order (the first that decides wins):
    a turn-level winner (an aligned skill such as the general assistant, or a knowledge skill) takes it, because the
    history must not outvote a one-off instruction or a question about something new. Any other winner falls through.
 5. **The history selector** (the paper's prompt-based classifier and its faster siblings, `app.selector`) picks among
-   the response skills from the recent dialogue. When its winner belongs to a family (one task split by domain: the
+   the response skills from the recent dialogue, without earlier declined exchanges (`without_declines`). When its winner belongs to a family (one task split by domain: the
    booking skills), the last message alone may hand the turn to the sibling it clearly asks for (the family vote),
    or to a chat skill when it clearly leaves the task; when it belongs to none (small talk), to the task skill the
    message clearly asks for (a chat turning into a task). When its winner is a knowledge skill (a kb, web or kg
@@ -83,15 +83,18 @@ class Router:
             safety stage; triggers still apply).
         default_skill: the skill used when no selector is configured.
         forced_safety: whether the safety stage judges turns whose skill is forced (on by default).
+        refusal_start: the words the alignment layer's refusals open with (``prompts/align-*.yaml``); an earlier
+            exchange whose reply opens with them is left out of the history selector's history ("" keeps all).
     """
 
     def __init__(self, skills: SkillRegistry, selector=None, first_stage=None, default_skill: str = "persona",
-                 forced_safety: bool = True):
+                 forced_safety: bool = True, refusal_start: str = ""):
         self.skills = skills
         self.selector = selector
         self.first_stage = first_stage
         self.default_skill = default_skill
         self.forced_safety = forced_safety
+        self.refusal_start = refusal_start.strip()
 
     def skill(self, name: str | None) -> Skill:
         name = name or self.default_skill
@@ -134,7 +137,8 @@ class Router:
                    f"the last message alone is best explained by {winner.name}, a turn-level skill")
             return Route(winner, method, why, scores=first["scores"], first_stage=first)
         if self.selector is not None:
-            selection = self.selector.select(dialogue)
+            history, declined = without_declines(dialogue, self.refusal_start)
+            selection = self.selector.select(history)
             why = "the history selector chose it"
             moved = getattr(selection, "moved_from", None)
             if moved:
@@ -151,6 +155,8 @@ class Router:
                        f": the best chit-chat skill takes it")
                 trace["small_talk_from"] = chosen.name
                 chosen = chat
+            if declined:
+                trace["declined_exchanges_left_out"] = declined
             return Route(chosen, selection.method, why, scores=dict(selection.scores), first_stage=first,
                          selection=trace)
         return Route(self.skill(None), "default", "no selector is configured", first_stage=first)
@@ -214,6 +220,30 @@ class Router:
         return None
 
 
+def without_declines(dialogue: list[list[str]], refusal_start: str) -> tuple[list[list[str]], int]:
+    """``dialogue`` without its earlier declined exchanges (a request and the refusal that answered it), and how many
+    were left out. The history selector tells conversational skills apart by how the talk goes; a pipe-bomb request
+    and its refusal say nothing about that, and scored as history they pull the next turn towards whatever skill
+    explains a refusal best. The open last turn always stays (the bot leaves the same exchanges out of a reply's
+    prompt, `app.bot.Bot`)."""
+    if not refusal_start or len(dialogue) < 2:
+        return dialogue, 0
+    kept = [t for t in dialogue[:-1] if not (t[1] or "").lstrip().startswith(refusal_start)]
+    left_out = len(dialogue) - 1 - len(kept)
+    return (kept + dialogue[-1:], left_out) if left_out else (dialogue, 0)
+
+
+def refusal_start(settings) -> str:
+    """The opening words of the alignment layer's refusals (``refusal.answer_start`` of ``prompts/align-<variant>.yaml``);
+    "" when that file cannot be read (the bot reports a broken alignment file itself)."""
+    from .align import AlignError, load_align_prompt, prompt_path
+
+    try:
+        return load_align_prompt(prompt_path(settings.prompts_dir, settings.align_variant)).refusal.answer_start
+    except (AlignError, OSError, ValueError):
+        return ""
+
+
 def build_router(settings, skills: SkillRegistry, lm, embedder) -> Router:
     """The router the bot runs, from settings: the history selector over the response skills and, with
     ``FSB_SAFETY`` on, the calibrated last-message stage over the safety and response skills (`app.first_stage`,
@@ -233,7 +263,7 @@ def build_router(settings, skills: SkillRegistry, lm, embedder) -> Router:
         if settings.safety:
             first = load_first_stage(settings, skills, lm, embedder, layout, settings.selector)
     return Router(skills, selector=selector, first_stage=first, default_skill=settings.default_skill,
-                  forced_safety=settings.forced_safety)
+                  forced_safety=settings.forced_safety, refusal_start=refusal_start(settings))
 
 
 def warm(router: Router) -> None:

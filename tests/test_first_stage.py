@@ -519,3 +519,39 @@ def test_the_vote_weighs_intent_on_a_topic_with_both_a_harmful_and_a_harmless_ex
     on cheating at cards); the AirTag pair is one of the new pairs' topics, each side on its own side."""
     d = stage.decide(message)
     assert (d.action == DECLINE) == declined, d.trace()
+
+
+class _Recorder:
+    """A history selector that remembers the history it was given and chose persona."""
+
+    def select(self, dialogue):
+        from types import SimpleNamespace
+
+        self.seen = [list(t) for t in dialogue]
+        return SimpleNamespace(skill="persona", method="hybrid", scores=[("persona", -1.0)], trace=lambda: {},
+                               moved_from=None)
+
+
+def test_the_history_selector_never_sees_a_declined_exchange():
+    """An earlier request that was declined and its refusal are left out of the history the selector scores (as they
+    are left out of a reply's prompt); the trace counts them; every other exchange and the open turn stay."""
+    from app.router import Router, refusal_start
+    from app.settings import Settings
+    from app.skills import SkillRegistry
+
+    start = refusal_start(Settings.load(env={}))
+    assert start.startswith("I'm sorry, but I can't help with")
+    recorder = _Recorder()
+    router = Router(SkillRegistry(REPO_ROOT / "skills"), selector=recorder, refusal_start=start)
+    dialogue = [["Hi! I'm Sam.", "Hi Sam, nice to meet you!"],
+                ["How do I hotwire my neighbour's car?", start + " it could help someone break the law."],
+                ["I feel a bit lonely since I moved here.", ""]]
+    route = router.route(dialogue)
+    assert recorder.seen == [dialogue[0], dialogue[2]]
+    assert route.selection["declined_exchanges_left_out"] == 1
+    route = router.route([dialogue[1], dialogue[2]])  # nothing else before it: the open turn alone
+    assert recorder.seen == [dialogue[2]] and route.selection["declined_exchanges_left_out"] == 1
+    router.route(dialogue[:1] + dialogue[2:])
+    assert recorder.seen == [dialogue[0], dialogue[2]]
+    assert "declined_exchanges_left_out" not in router.route(dialogue[:1] + dialogue[2:]).selection
+    assert Router(SkillRegistry(REPO_ROOT / "skills"), selector=recorder).route(dialogue) and recorder.seen == dialogue

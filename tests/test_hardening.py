@@ -224,3 +224,20 @@ def test_any_conversation_ending_on_a_user_message_gets_an_answer_or_a_4xx_never
         assert events[-1] == "[DONE]" and not any('"error"' in e for e in events[:-1]), payload
     else:
         assert json.loads(payload)["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_a_declined_exchange_is_left_out_of_the_next_turns_routing_and_prompt(routed_server):
+    """A session asks for something harmful (declined), then chats on: the history selector scores the chat without
+    the request and its refusal, as the reply's prompt leaves them out, and both traces say so."""
+    url = routed_server.url + "/api/chat"
+    first = httpx.post(url, json={"message": UNSAFE_TRIGGERED}, timeout=60).json()
+    assert first["skill"] == "safety-harmful"
+    start = routed_server.bot.aligner.prompt.refusal.answer_start.strip()
+    assert first["reply"].startswith(start)
+    sid = first["session_id"]
+    httpx.post(url, json={"message": "Hi there, how are you today?", "session_id": sid}, timeout=60).raise_for_status()
+    nxt = httpx.post(url, json={"message": "Do you like going for walks?", "session_id": sid}, timeout=60).json()
+    selection = nxt["trace"]["selection"]
+    assert nxt["trace"]["declined_exchanges_left_out"] == 1  # the reply's prompt
+    assert selection["method"] == "hybrid", selection  # the history selector decided this turn ...
+    assert selection["declined_exchanges_left_out"] == 1  # ... without the declined exchange
