@@ -365,7 +365,10 @@ class Bot:
                 _step(trace, "retrieve", started, retriever=chosen.retriever, query=query, passages=passages,
                       error=got.error, **got.note)
                 if got.error and chosen.retriever == "web":
-                    notice = self.messages.get("web_search_failed", "")
+                    if asks_for_information(dialogue[-1][0]):
+                        notice = self.messages.get("web_search_failed", "")
+                    else:  # "Haha, my cat does that too." has no answer to vouch for; the trace keeps the error
+                        trace["steps"][-1]["notice"] = "left out: the message asks for nothing"
             if chosen.aligned and self.aligner is not None:
                 pieces, prompt_text, limit = self._aligned(messages, sampling, max_tokens, stats, trace)
             else:
@@ -748,6 +751,19 @@ def _step(trace: dict, name: str, started: float, **info) -> None:
 def _passage_dict(p) -> dict:
     return {"text": p.text, "source": p.source, "title": p.title, "score": round(float(p.score), 4),
             "untrusted": bool(p.meta.get("untrusted", False))}
+
+
+# A message that asks for something: a question mark, or a question word or a request at its start.
+_ASKS = re.compile(r"\?|^\W*(who|whom|whose|what|when|where|why|how|which|is|are|was|were|am|can|could|do|does|did|"
+                   r"will|would|should|shall|may|has|have|tell|find|search|look|show|give|list|explain|define|check)\b",
+                   re.IGNORECASE)
+
+
+def asks_for_information(message: str) -> bool:
+    """Whether ``message`` asks for something, so that an answer from memory needs the could-not-search notice. A
+    remark ("Haha, my cat does exactly that.") that the history selector gave to the web skill gets its reply without
+    it: there is no answer to vouch for, and the notice in front of small talk reads as a malfunction."""
+    return bool(_ASKS.search(message or ""))
 
 
 # The keys of prompts/messages.yaml whose text the bot puts in front of a reply (`_with_notice`).

@@ -62,6 +62,23 @@ def test_dead_web_search_is_said_in_the_reply_not_hidden(settings, tiny_lm, engi
     assert "cannot be reached" in stream.reply.trace["steps"][2]["error"]
 
 
+def test_a_remark_given_to_the_web_skill_gets_no_search_notice_but_the_trace_keeps_the_error(settings, tiny_lm,
+                                                                                           engines):
+    """The history selector may give a remark to the web skill ("Haha, my cat does exactly that."): with the search
+    down, its reply has no answer to vouch for, so the notice is left out of the text, and the trace says so."""
+    from app.bot import asks_for_information
+
+    bot = make_bot(settings, tiny_lm, web_backend="dead")
+    remark = [{"role": "user", "content": "Haha, my cat does exactly that."}]
+    stream = bot.turn(remark, skill="wit", max_tokens=4)
+    text = stream.text()
+    assert not text.startswith(bot.messages["web_search_failed"])
+    retrieve = stream.reply.trace["steps"][2]
+    assert "cannot be reached" in retrieve["error"] and retrieve["notice"].startswith("left out")
+    assert asks_for_information(MSG[0]["content"]) and asks_for_information("kiwi birds?")
+    assert not any(asks_for_information(m) for m in ("make it funnier", "I love hiking.", "Thanks!"))
+
+
 def test_retrieved_instructions_cannot_forge_dialogue_lines(settings, tiny_lm, tmp_path):
     bot = make_bot(settings, tiny_lm)
     doc = tmp_path / "evil.md"
