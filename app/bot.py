@@ -365,7 +365,7 @@ class Bot:
                 _step(trace, "retrieve", started, retriever=chosen.retriever, query=query, passages=passages,
                       error=got.error, **got.note)
                 if got.error and chosen.retriever == "web":
-                    if asks_for_information(dialogue[-1][0]):
+                    if asks_for_information(dialogue[-1][0], self.messages):
                         notice = self.messages.get("web_search_failed", "")
                     else:  # "Haha, my cat does that too." has no answer to vouch for; the trace keeps the error
                         trace["steps"][-1]["notice"] = "left out: the message asks for nothing"
@@ -753,17 +753,15 @@ def _passage_dict(p) -> dict:
             "untrusted": bool(p.meta.get("untrusted", False))}
 
 
-# A message that asks for something: a question mark, or a question word or a request at its start.
-_ASKS = re.compile(r"\?|^\W*(who|whom|whose|what|when|where|why|how|which|is|are|was|were|am|can|could|do|does|did|"
-                   r"will|would|should|shall|may|has|have|tell|find|search|look|show|give|list|explain|define|check)\b",
-                   re.IGNORECASE)
+ASKS = r"\?"  # prompts/messages.yaml's asks, when a messages file lacks it
 
 
-def asks_for_information(message: str) -> bool:
-    """Whether ``message`` asks for something, so that an answer from memory needs the could-not-search notice. A
-    remark ("Haha, my cat does exactly that.") that the history selector gave to the web skill gets its reply without
-    it: there is no answer to vouch for, and the notice in front of small talk reads as a malfunction."""
-    return bool(_ASKS.search(message or ""))
+def asks_for_information(message: str, messages: dict | None = None) -> bool:
+    """Whether ``message`` asks for something (``asks`` of prompts/messages.yaml matches it), so that an answer from
+    memory needs the could-not-search notice. A remark ("Haha, my cat does exactly that.") that the history selector
+    gave to the web skill gets its reply without it: there is no answer to vouch for, and the notice in front of small
+    talk reads as a malfunction."""
+    return bool(re.search((messages or {}).get("asks", ASKS), message or "", re.IGNORECASE))
 
 
 # The keys of prompts/messages.yaml whose text the bot puts in front of a reply (`_with_notice`).

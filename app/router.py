@@ -13,13 +13,13 @@ The stages, in order (the first that decides wins):
    a turn-level winner (an aligned skill such as the general assistant, or a knowledge skill) takes it, because the
    history must not outvote a one-off instruction or a question about something new. Any other winner falls through.
 5. **The history selector** (the paper's prompt-based classifier and its faster siblings, `app.selector`) picks among
-   the response skills from the recent dialogue, without earlier declined exchanges (`without_declines`). When its winner belongs to a family (one task split by domain: the
-   booking skills), the last message alone may hand the turn to the sibling it clearly asks for (the family vote),
-   or to a chat skill when it clearly leaves the task; when it belongs to none (small talk), to the task skill the
-   message clearly asks for (a chat turning into a task). When its winner is a knowledge skill (a kb, web or kg
-   retriever) but the last message alone is clearly small talk (the first stage's turn vote below
-   ``small_talk_floor``, ``prompts/first-stage.yaml``), the best chit-chat skill takes the turn instead: "Are you
-   a robot?" is not a question for the knowledge graph.
+   the response skills from the recent dialogue, without earlier declined exchanges (`without_declines`). When its
+   winner belongs to a family (one task split by domain: the booking skills), the last message alone may hand the
+   turn to the sibling it clearly asks for (the family vote), or to a chat skill when it clearly leaves the task; when
+   it belongs to none (small talk), to the task skill the message clearly asks for (a chat turning into a task). When
+   its winner is a knowledge skill (a kb, web or kg retriever) but the last message alone is clearly small talk (the
+   first stage's turn vote below ``small_talk_floor``, ``prompts/first-stage.yaml``), the best chit-chat skill takes
+   the turn instead: "Are you a robot?" is not a question for the knowledge graph.
 6. **The default skill**, when no selector is configured.
 
 `Route` records the outcome (skill, method, scores, why) for the turn trace.
@@ -234,8 +234,8 @@ def without_declines(dialogue: list[list[str]], refusal_start: str) -> tuple[lis
 
 
 def refusal_start(settings) -> str:
-    """The opening words of the alignment layer's refusals (``refusal.answer_start`` of ``prompts/align-<variant>.yaml``);
-    "" when that file cannot be read (the bot reports a broken alignment file itself)."""
+    """The opening words of the alignment layer's refusals (``refusal.answer_start`` of
+    ``prompts/align-<variant>.yaml``); "" when that file cannot be read (the bot reports a broken alignment file)."""
     from .align import AlignError, load_align_prompt, prompt_path
 
     try:

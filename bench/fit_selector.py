@@ -26,16 +26,17 @@ calibration by the content-free score and larger embedding weights never helped 
 in the embedding ranking's top 4 for 0.870 of all 270 dialogues and in its top 6 for 0.919, but the LM picks among
 them no better: the 270M model does not tell wit from wow or dialKG, nor msc from ed, by their dialogues.
 
-Again with the shot pool in the skill files (2026-12-06, stop 34, the same cache rebuilt; bench/results/selector-fit.txt):
-the history selector alone, shipped (4, 1.0, 0, 0.15): fit 0.850, report 0.823. The gold skill is in the embedding
-ranking's top 4 for 0.921 of the fit part now, so the LM's pick among the shortlist is where most errors are. The fit
-part's best (6, 0, 0, 0.2) gives 0.893 there and 0.800 on the report part (a loss); ranked on all 270 (``--all``), the
-best is (6, 0.25, 0, 0.15): 0.870 against 0.837, with (5-6, 0.25, 0.15-0.2) all within a dialogue or two of it. That
-setting through the whole router (``FSB_SELECTOR_SHORTLIST=6 FSB_SELECTOR_WEIGHT=0.25``, the first stage and the
-small-talk floor in front of the history selector): selector-dev 0.826 -> 0.841 (fit part 0.829 -> 0.857, report part
-0.823 -> 0.823), tests/data/live-chat.jsonl 0.706 -> 0.676, bench/data/switch-dev.jsonl 0.8 -> 0.7, and six LM rows a
-pass instead of four. Every gain is on the part it was chosen on, the development chats lose three turns, and the held-out
-sets were not read for it: not shipped. (Shortlist 5 with the same weight: the same figures.)
+Again with the shot pool in the skill files (2026-12-06, stop 34, the same cache rebuilt;
+bench/results/selector-fit.txt): the history selector alone, shipped (4, 1.0, 0, 0.15): fit 0.850, report 0.823. The
+gold skill is in the embedding ranking's top 4 for 0.921 of the fit part now, so the LM's pick among the shortlist is
+where most errors are. The fit part's best (6, 0, 0, 0.2) gives 0.893 there and 0.800 on the report part (a loss);
+ranked on all 270 (``--all``), the best is (6, 0.25, 0, 0.15): 0.870 against 0.837, with (5-6, 0.25, 0.15-0.2) all
+within a dialogue or two of it. That setting through the whole router (``FSB_SELECTOR_SHORTLIST=6
+FSB_SELECTOR_WEIGHT=0.25``, the first stage and the small-talk floor in front of the history selector): selector-dev
+0.826 -> 0.841 (fit part 0.829 -> 0.857, report part 0.823 -> 0.823), tests/data/live-chat.jsonl 0.706 -> 0.676,
+bench/data/switch-dev.jsonl 0.8 -> 0.7, and six LM rows a pass instead of four. Every gain is on the part it was
+chosen on, the development chats lose three turns, and the held-out sets were not read for it: not shipped. (Shortlist
+5 with the same weight: the same figures.)
 """
 from __future__ import annotations
 

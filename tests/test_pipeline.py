@@ -75,8 +75,9 @@ def test_a_remark_given_to_the_web_skill_gets_no_search_notice_but_the_trace_kee
     assert not text.startswith(bot.messages["web_search_failed"])
     retrieve = stream.reply.trace["steps"][2]
     assert "cannot be reached" in retrieve["error"] and retrieve["notice"].startswith("left out")
-    assert asks_for_information(MSG[0]["content"]) and asks_for_information("kiwi birds?")
-    assert not any(asks_for_information(m) for m in ("make it funnier", "I love hiking.", "Thanks!"))
+    asks = lambda m: asks_for_information(m, bot.messages)  # noqa: E731  (the shipped prompts/messages.yaml)
+    assert asks(MSG[0]["content"]) and asks("kiwi birds?") and asks("Tell me about Rome")
+    assert not any(asks(m) for m in ("make it funnier", "I love hiking.", "Thanks!"))
 
 
 def test_retrieved_instructions_cannot_forge_dialogue_lines(settings, tiny_lm, tmp_path):
