@@ -256,6 +256,7 @@ class AlignedText:
     text: str = ""
     finish: str | None = None  # "stop": ended at a stop string or EOS; "length": ran out of tokens
     dropped_turns: int = 0
+    echo_retried: bool = False  # the first answer opened by repeating the user's message and was generated again
 
     @property
     def clean(self) -> bool:
@@ -438,9 +439,15 @@ class Aligner:
             if earlier:
                 sampling = dataclasses.replace(sampling, avoid=earlier)
         reply = AlignedText(rendered, max_new, refusal=bool(note), dropped_turns=dropped)
-        return Streamed(self._stream(reply, sampling, max_new, answer_start), reply)
+        echo = "" if note or answer_start else _pairs(messages)[1]
+        return Streamed(self._stream(reply, sampling, max_new, answer_start, echo), reply)
 
-    def _stream(self, reply: AlignedText, sampling: Sampling, max_new: int, answer_start: str) -> Iterator[str]:
+    def _stream(self, reply: AlignedText, sampling: Sampling, max_new: int, answer_start: str,
+                echo: str = "") -> Iterator[str]:
+        """The reply's pieces, cleaned. ``echo``: the user's message. An answer that opens by repeating it (a small
+        base model's habit after a few instructions in a row: "List three benefits of regular exercise." answered
+        with that very line) is held back while it could be one (`opening_echo`); once it is, it is dropped and the
+        answer generated again, not allowed to open with the message's first word (`Sampling.not_first`)."""
         cleaner = ReplyCleaner(self.prompt.stop)
         if answer_start:  # the answer's first words are part of the reply
             first = cleaner.feed(answer_start)
@@ -448,21 +455,53 @@ class Aligner:
                 yield first
         pieces = self.lm.generate(reply.prompt.text, stop=self.prompt.stop, max_new_tokens=max_new,
                                   sampling=sampling, prefix=reply.prompt.prefix)
+        held: list[str] = []  # pieces not shown yet: the answer so far could still be the message repeated
+        watching = bool(echo)
         try:
             for piece in pieces:
                 out = cleaner.feed(piece)
                 reply.text = cleaner.text
+                if watching and out:
+                    held.append(out)
+                    seen = opening_echo(cleaner.text, echo)
+                    if seen is None:
+                        continue
+                    watching = False
+                    if seen:
+                        log.info("the answer opened by repeating the message; generating it again")
+                        _close_stream(pieces)
+                        reply.echo_retried = True
+                        held, cleaner = [], ReplyCleaner(self.prompt.stop)
+                        reply.text = ""
+                        sampling = dataclasses.replace(sampling, not_first=(echo,))
+                        pieces = self.lm.generate(reply.prompt.text, stop=self.prompt.stop, max_new_tokens=max_new,
+                                                  sampling=sampling, prefix=reply.prompt.prefix)
+                        yield from self._pieces(pieces, cleaner, reply)
+                        break
+                    out, held = "".join(held), []
                 if out:
                     yield out
                 if cleaner.stopped:
                     break  # a backend that ignored the stop strings: nothing after the stop is wanted
         finally:
             _close_stream(pieces)  # stops the backend's decoding now, also when the caller stops reading
+        if held:  # the stream ended while the answer was still the message's first words: they are the answer
+            yield "".join(held)
         out = cleaner.finish()
         reply.text = cleaner.text
         reply.finish = self._finish_reason(cleaner, max_new, skip=len(answer_start))
         if out:
             yield out
+
+    @staticmethod
+    def _pieces(pieces, cleaner: ReplyCleaner, reply: AlignedText) -> Iterator[str]:
+        for piece in pieces:
+            out = cleaner.feed(piece)
+            reply.text = cleaner.text
+            if out:
+                yield out
+            if cleaner.stopped:
+                break
 
     def _stream_batch(self, replies: list[AlignedText], sampling: Sampling, max_new: int) -> Iterator[tuple[int, str]]:
         cleaners = [ReplyCleaner(self.prompt.stop) for _ in replies]
@@ -502,6 +541,31 @@ class Aligner:
         if generated and self.lm.count_tokens(generated) >= max_new - _LIMIT_SLACK:
             return "length"
         return "stop"
+
+
+# An answer that opens with the first ECHO_WORDS words of the user's message (all of them when it has fewer, from
+# ECHO_MIN_WORDS on) repeats it rather than answering. Shorter messages ("Hello there") may be answered in kind.
+ECHO_WORDS = 4
+ECHO_MIN_WORDS = 3
+_WORD = re.compile(r"\w+")
+
+
+def opening_echo(text: str, message: str) -> bool | None:
+    """Whether ``text`` (an answer so far) opens by repeating ``message``'s first words, ignoring case and
+    punctuation: True, False, or None while it cannot tell yet (``text`` is still a start of those words)."""
+    target = _WORD.findall(message.lower())
+    if len(target) < ECHO_MIN_WORDS:
+        return False
+    target = target[:ECHO_WORDS]
+    words = _WORD.findall(text.lower())
+    if not words:
+        return None
+    if words[: len(target)] == target:
+        return True
+    n = len(words)
+    if n <= len(target) and words[: n - 1] == target[: n - 1] and target[n - 1].startswith(words[-1]):
+        return None  # the last word may still be growing ("Lis" of "List")
+    return False
 
 
 def _close_stream(stream) -> None:

@@ -379,7 +379,7 @@ class Bot:
         def finish(text: str) -> Reply:
             tokens = stats.get("tokens", 0)
             _step(trace, "generate", started, tokens=tokens, finish=stats.get("finish"),
-                  first_token_s=stats.get("ttft_s"))
+                  first_token_s=stats.get("ttft_s"), echo_retried=stats.get("echo_retried"))
             return Reply(text=text, skill=chosen.name, prompt=prompt_text, passages=passages, trace=trace,
                          finish_reason="length" if stats.get("finish") == "length" else "stop",
                          prompt_tokens=trace.get("prompt_tokens", 0), completion_tokens=tokens)
@@ -607,6 +607,8 @@ class Bot:
                 if close is not None:
                     close()
             stats.update(tokens=self.lm.count_tokens(reply.text), finish=reply.finish or "stop")
+            if reply.echo_retried:  # the first answer only repeated the message (`app.align.opening_echo`)
+                stats["echo_retried"] = True
 
         return pieces(), reply.prompt.text, reply.max_new_tokens
 

@@ -30,6 +30,9 @@ class Sampling:
     # Texts the output must not copy: no run of `AVOID_NGRAM` tokens from any of them (a chat reply's earlier replies,
     # which a small base model otherwise repeats word for word). Backends that cannot enforce it ignore it.
     avoid: tuple[str, ...] = ()
+    # Texts whose first word the output may not open with (an answer retried because it began by repeating the
+    # user's message, `app.align`). Backends that cannot enforce it ignore it.
+    not_first: tuple[str, ...] = ()
 
     def with_overrides(self, **kw) -> "Sampling":
         return replace(self, **{k: v for k, v in kw.items() if v is not None})

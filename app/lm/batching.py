@@ -258,7 +258,7 @@ class BatchScheduler:
         if room <= 0:  # would run past the position table of the model every row shares
             raise LMError(f"the prompt is {len(ids)} tokens; the model's context is {lm.context_length}")
         stream = RowStream(lm.tok, lm.eos_ids, ids[-1], req.stops, min(req.max_new_tokens, room),
-                           req.sampling.avoid)
+                           req.sampling.avoid, req.sampling.not_first)
         row = _Row(req, stream, generator_for(req.sampling), len(ids))
         if stream.done:
             self._finish(row)

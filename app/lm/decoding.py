@@ -428,7 +428,25 @@ def _best_ms_fn(fn: Callable[[], object], repeats: int = 3) -> float:
 # ------------------------------------------------------------------------------------------------ token choice
 def is_greedy(s: Sampling) -> bool:
     """True when the next token is the argmax of the raw logits (no penalty, no banned copies, no sampling)."""
-    return s.temperature <= 0 and s.repetition_penalty == 1.0 and not s.avoid
+    return s.temperature <= 0 and s.repetition_penalty == 1.0 and not s.avoid and not s.not_first
+
+
+@functools.lru_cache(maxsize=256)
+def first_word_tokens(tok, texts: tuple[str, ...]) -> frozenset[int]:
+    """The tokens that open each text's first word, with and without a leading space (an output's first token after
+    a cue such as "Assistant:" usually carries the space), in the text's own case and capitalised."""
+    out = set()
+    for text in texts:
+        words = text.split()
+        if not words:
+            continue
+        word = words[0]
+        for form in {word, word[:1].upper() + word[1:]}:
+            for spelled in (form, " " + form):
+                ids = tok(spelled, add_special_tokens=False).input_ids
+                if ids:
+                    out.add(ids[0])
+    return frozenset(out)
 
 
 # A generation may not repeat this many tokens in a row from a text in `Sampling.avoid`: the first AVOID_NGRAM - 1
@@ -527,18 +545,23 @@ class RowStream:
     """
 
     def __init__(self, tok, eos_ids: set[int], anchor: int, stops: Sequence[str], max_new_tokens: int,
-                 avoid: Sequence[str] = ()):
+                 avoid: Sequence[str] = (), not_first: Sequence[str] = ()):
         self.tok, self.eos_ids, self.anchor, self.max_new_tokens = tok, eos_ids, anchor, max_new_tokens
         self.generated: list[int] = []
         texts = tuple(t for t in avoid if t and t.strip())
         self._avoid = _ngram_table(tok, texts, AVOID_NGRAM) if texts else {}
+        self._first = first_word_tokens(tok, tuple(not_first)) if not_first else frozenset()
         self.scanner = StopScanner(stops)
         self.finish = "length"
         self.done = max_new_tokens <= 0
 
     def banned(self) -> tuple[int, ...] | frozenset[int]:
-        """The next tokens that would copy `AVOID_NGRAM` tokens in a row from a text of ``avoid``."""
-        return banned_next(self._avoid, self.generated)
+        """The next tokens that would copy `AVOID_NGRAM` tokens in a row from a text of ``avoid``, and at the start
+        the tokens that would open the output with the first word of a text of ``not_first``."""
+        banned = banned_next(self._avoid, self.generated)
+        if self._first and not self.generated:
+            return frozenset(banned) | self._first
+        return banned
 
     def push(self, token: int) -> str:
         if token in self.eos_ids:

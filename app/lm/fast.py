@@ -181,7 +181,8 @@ class FastPath:
     def _run(self, ids, prefix_len, stops, max_new_tokens, sampling, out, stats, cancel) -> None:
         """gpt-fast's ``generate``: prefill, then one compiled step per token, streaming text as it is safe."""
         self.used += 1
-        row = RowStream(self.lm.tok, self.lm.eos_ids, ids[-1], stops, max_new_tokens, sampling.avoid)
+        row = RowStream(self.lm.tok, self.lm.eos_ids, ids[-1], stops, max_new_tokens, sampling.avoid,
+                        sampling.not_first)
         rng = generator_for(sampling)
         logits = self.prefill(ids, prefix_len)  # [V]
         position = len(ids)

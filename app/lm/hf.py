@@ -212,7 +212,8 @@ class TransformersLM:
             logits, mask, next_pos = logits[None], None, torch.tensor([len(encoded[0][0])])
         else:
             cache, logits, mask, next_pos = self._prefill_batch(encoded)
-        rows = [RowStream(self.tok, self.eos_ids, ids[-1], stops, max_new_tokens, sampling.avoid)
+        rows = [RowStream(self.tok, self.eos_ids, ids[-1], stops, max_new_tokens, sampling.avoid,
+                           sampling.not_first)
                 for ids, _ in encoded]
         rng = generator_for(sampling)
         while not all(r.done for r in rows):
