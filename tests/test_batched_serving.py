@@ -107,9 +107,9 @@ def test_chats_that_join_a_running_batch_prefill_inside_its_next_step(lm, monkey
             prefills.append("body" if torch.is_tensor(keep) and keep.numel() == 0 else "logits")
         return forward(ids, *a, keep=keep, decode=decode, **kw)
 
-    def packing(feed, positions, cache, mask, joiners):
+    def packing(feed, positions, cache, mask, joiners, scoring=()):
         packed.append((feed.shape[0], [j.fed for j in joiners]))
-        return packed_step(feed, positions, cache, mask, joiners)
+        return packed_step(feed, positions, cache, mask, joiners, scoring)
 
     monkeypatch.setattr(runner, "forward", recording)
     monkeypatch.setattr(runner, "packed_step", packing)
@@ -293,6 +293,48 @@ def test_scoring_from_other_threads_while_chats_decode(lm):
             assert prefixed == pytest.approx(want_prefixed, abs=1e-4)
     assert lm.count_tokens("hello there") == lm.inner.count_tokens("hello there") > 0
     assert lm.prefix_cache is lm.inner.prefix_cache
+
+
+def test_a_scoring_pass_rides_in_the_running_batchs_next_step(lm, monkeypatch):
+    """While chats decode, a selector's scoring pass is not a pass of its own that every chat waits for: its rows go
+    into the batch's next step (`BatchScheduler.score`), with the same scores as alone and the chats' text unchanged.
+    A step that fails fails its scoring pass with the chats that shared it; serving goes on."""
+    context = "Dialogue:\nUser: do you like boats?\nAssistant: yes, I love boats.\nUser: and bread?"
+    prefixes = [SHOTS, "Persona Information:\nI like tea.\n"]
+    want = lm.inner.score_prefixes(prefixes, context)
+    jobs = JOBS[:2] + [(JOBS[2][0], JOBS[2][1], 300)]  # one chat decodes long enough for the scorer to meet it
+    expected = [solo(lm, p, prefix=x, max_new_tokens=n) for p, x, n in jobs]
+    runner, packed_step = lm.inner.runner, lm.inner.runner.packed_step
+    passes = []
+
+    def packing(feed, positions, cache, mask, joiners, scoring=()):
+        passes.append((feed.shape[0], len(scoring)))
+        return packed_step(feed, positions, cache, mask, joiners, scoring)
+
+    monkeypatch.setattr(runner, "packed_step", packing)
+
+    def scorer():
+        wait_until(lambda: lm.scheduler.running > 0)
+        return [lm.score_prefixes(prefixes, context) for _ in range(3)]
+
+    got = run_together(lm, [client(lm, p, prefix=x, max_new_tokens=n) for p, x, n in jobs] + [scorer], chats=3)
+    assert got[:3] == expected
+    assert not isinstance(got[3], Exception), got[3]
+    for scores in got[3]:
+        assert scores == pytest.approx(want, abs=1e-4)
+    assert any(rows > 0 and scoring for rows, scoring in passes), passes  # scored with chats in the same pass
+
+    def failing(feed, positions, cache, mask, joiners, scoring=()):
+        if scoring:
+            raise RuntimeError("simulated failure")
+        return packed_step(feed, positions, cache, mask, joiners, scoring)
+
+    monkeypatch.setattr(runner, "packed_step", failing)
+    got = run_together(lm, [client(lm, JOBS[2][0], prefix=JOBS[2][1], max_new_tokens=300), scorer], chats=1)
+    assert all(isinstance(g, LMError) and "simulated" in str(g) for g in got), got
+    monkeypatch.undo()
+    assert lm.score_prefixes(prefixes, context) == pytest.approx(want, abs=1e-4)
+    assert complete(lm, JOBS[3][0], max_new_tokens=12) == solo(lm, JOBS[3][0], max_new_tokens=12)[0]
 
 
 def test_generate_batch_and_seeded_sampling_through_the_batch(lm):

@@ -87,12 +87,13 @@ def test_score_prefixes_equals_direct_loglikelihood(lm, entries):
 def test_a_growing_history_is_scored_from_its_checkpoint_with_the_same_scores():
     """Turn after turn, the history grows by an exchange: with checkpoints each prefix's row starts from the previous
     turn's scored tokens (a forward over the new tokens only) and the scores equal a plain pass over everything. A
-    new prefix among them (no checkpoint yet) is scored from its start in a pass of its own."""
+    new prefix among them (no checkpoint yet) is scored from its start in a pass of its own. (Counted in tokens fed per
+    pass: the rows go in as one packed sequence or as a padded batch, depending on the model.)"""
     lm = build_tiny_lm(default_corpus() + [TAXI], sliding_window=16, checkpoint_mb=64)
     fed = []
     decoder = lm.model.get_decoder()
     forward = decoder.forward
-    decoder.forward = lambda *a, **kw: (fed.append(tuple(kw["input_ids"].shape)), forward(*a, **kw))[1]
+    decoder.forward = lambda *a, **kw: (fed.append(kw["input_ids"].numel()), forward(*a, **kw))[1]
     lines = ["User: i would like a taxi from the hotel .", "Assistant: where to ?", "User: the station , please .",
              "Assistant: when do you want to leave ?", "User: at 5 pm ."]
     try:
@@ -107,10 +108,10 @@ def test_a_growing_history_is_scored_from_its_checkpoint_with_the_same_scores():
             fed[:] = passes
             total = len(lm.tok(history, add_special_tokens=False).input_ids)
             if n == 1:
-                assert fed == [(2, total - 1)]
+                assert fed == [2 * (total - 1)]
             else:  # the rows seen before: only the new lines (and the last scored token again); a new row: all
                 new = total - len(lm.tok("\n".join(lines[: n - 2]), add_special_tokens=False).input_ids)
-                want = [(2, new)] + ([(1, total - 1)] if len(rows) > 2 else [])
+                want = [2 * new] + ([total - 1] if len(rows) > 2 else [])
                 assert sorted(fed) == sorted(want), (n, fed)
         # the same history again: known, no pass at all
         fed.clear()
@@ -121,11 +122,11 @@ def test_a_growing_history_is_scored_from_its_checkpoint_with_the_same_scores():
         assert lm.prefix_cache.clear_checkpoints() > 0 and lm.prefix_cache.checkpoint_held == 0
         fed.clear()
         assert lm.score_prefixes(PREFIXES[1:], history, checkpoint=True) == pytest.approx(got, abs=1e-4)
-        assert fed == [(len(PREFIXES) - 1, total - 1)]
+        assert fed == [(len(PREFIXES) - 1) * (total - 1)]
         fed.clear()
         # without checkpoint=True nothing is looked up
         assert lm.score_prefixes(PREFIXES[1:], history) == pytest.approx(got, rel=1e-5, abs=1e-4)
-        assert fed == [(3, total - 1)]
+        assert fed == [3 * (total - 1)]
     finally:
         del decoder.forward
 

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 _DONE = object()  # a request's last item: it finished
 _CLOSE = object()  # the scheduler's queue: stop
+_SCORE = object()  # the scheduler's queue: a scoring pass is waiting for the next step (`BatchScheduler.score`)
 _LIVE: "weakref.WeakSet[BatchScheduler]" = weakref.WeakSet()  # schedulers to stop before the interpreter goes
 
 
@@ -61,6 +62,20 @@ def _close_all() -> None:
     still running on the scheduler thread ("terminate called without an active exception"). Closing joins it."""
     for scheduler in list(_LIVE):
         scheduler.close()
+
+
+class _ScoreJob:
+    """Texts to score in the running batch's next step: the joiners of `TransformersLM.score_prefixes`' packed pass
+    and its function of their hidden states; ``done`` is set after the step (``error``: why it failed)."""
+
+    __slots__ = ("joiners", "score", "done", "error")
+
+    def __init__(self, joiners: list[Joiner], score):
+        self.joiners, self.score, self.done, self.error = joiners, score, threading.Event(), None
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc if isinstance(exc, LMError) else LMError(f"the model failed while scoring: {exc}")
+        self.done.set()
 
 
 @dataclass
@@ -121,9 +136,12 @@ class BatchScheduler:
         self._joiners: list[tuple[_Row, Joiner]] = []
         # (not with a compiled step: its cache would then hold inference-mode tensors that it updates in place)
         self.pack = not compile and lm.runner.can_pack()
+        self._scoring: list[_ScoreJob] = []  # scoring passes for the next step (guarded by _lock)
+        if self.pack and hasattr(lm, "score_via"):
+            lm.score_via = self.score
         self._cache = None
         self._mask: torch.Tensor | None = None  # [B, S]
-        self._lock = threading.Lock()  # guards _thread and _closed
+        self._lock = threading.Lock()  # guards _thread, _closed and _scoring
         self._thread: threading.Thread | None = None
         self._closed = False
         self.steps = 0  # batched forward passes run (for tests and benchmarks)
@@ -161,6 +179,23 @@ class BatchScheduler:
         finally:
             req.cancelled.set()  # a consumer that stops early (client gone) frees its row at the next step
 
+    def score(self, joiners: list[Joiner], score) -> bool:
+        """Run a scoring pass (`TransformersLM.score_prefixes`) inside the running batch's next step, so that the
+        running chats' tokens ride along instead of waiting for it, and wait for it. False, at once, when no batch is
+        running (the caller then runs the pass alone). Raises the `LMError` that failed the step."""
+        if not self.pack or threading.current_thread() is self._thread:
+            return False
+        job = _ScoreJob(joiners, score)
+        with self._lock:  # queued under the lock: an idle scheduler leaving now sees the queue is not empty
+            if self._thread is None or self._closed or not self._rows:
+                return False
+            self._scoring.append(job)
+            self._queue.put(_SCORE)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return True
+
     @property
     def running(self) -> int:
         """Rows in the running batch."""
@@ -186,7 +221,7 @@ class BatchScheduler:
             while self._take():
                 try:
                     self._admit()
-                    if self._rows or self._joiners:
+                    if self._rows or self._joiners or self._scoring:
                         self._step()
                 except Exception as exc:  # a failed batched forward fails every running row, never the scheduler
                     log.exception("batched generation failed")
@@ -197,7 +232,7 @@ class BatchScheduler:
                 self._thread = None
                 while not self._queue.empty():
                     item = self._queue.get_nowait()
-                    if item is not _CLOSE:
+                    if item is not _CLOSE and item is not _SCORE:
                         self._waiting.append(item)
             self._fail_all(exc, waiting=True)
             raise
@@ -208,6 +243,10 @@ class BatchScheduler:
             row.req.sink.put((row.req.tag, err))
         self._reset()
         self._joiners = []
+        with self._lock:
+            jobs, self._scoring = self._scoring, []
+        for job in jobs:
+            job.fail(err)
         if waiting:
             for req in self._waiting:
                 req.sink.put((req.tag, err))
@@ -230,7 +269,8 @@ class BatchScheduler:
             if item is _CLOSE:
                 self._fail_all(LMError("the batch scheduler was closed"), waiting=True)
                 return False
-            self._waiting.append(item)
+            if item is not _SCORE:  # (a scoring job is in `_scoring` already: the item only wakes the loop)
+                self._waiting.append(item)
             idle = False
 
     def _admit(self) -> None:
@@ -311,20 +351,29 @@ class BatchScheduler:
                 self._finish(row)
             else:
                 joiners.append((row, joiner))
+        with self._lock:
+            jobs, self._scoring = self._scoring, []
         rows = self._rows
-        if not rows and not joiners:
+        if not rows and not joiners and not jobs:
             return
         feed = torch.tensor([[r.token] for r in rows], dtype=torch.long).view(len(rows), 1)  # [B, 1]
         positions = torch.tensor([[r.pos] for r in rows], dtype=torch.long).view(len(rows), 1)  # [B, 1]
         if rows:
             self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=self._mask.dtype)], dim=1)  # [B, S+1]
-        if joiners:
+        if joiners or jobs:
             try:
-                self._cache, logits = self.runner.packed_step(feed, positions, self._cache, self._mask,
-                                                              [j for _, j in joiners])  # [B + J, V]
-            except BaseException:
+                self._cache, logits = self.runner.packed_step(
+                    feed, positions, self._cache, self._mask, [j for _, j in joiners],
+                    scoring=[(job.joiners, job.score) for job in jobs])  # [B + J, V]
+            except BaseException as exc:
                 self._joiners = joiners  # failed with the rows that shared the pass (`_fail_all`)
+                for job in jobs:
+                    job.fail(exc)
                 raise
+            for job in jobs:
+                job.done.set()
+            if not rows and not joiners:
+                return
             logits, first = logits[: len(rows)], logits[len(rows):]
         else:
             self._cache, logits = self._decode_step(feed, positions)  # logits [B, V]

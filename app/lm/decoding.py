@@ -196,29 +196,46 @@ class ModelRunner:
             self.prefix_cache.put_checkpoint(CachedPrefix(tuple(ids[:cut]), checkpoint, None))
 
     def packed_step(self, feed: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor | None,
-                    joiners: list[packed.Joiner]):
+                    joiners: list[packed.Joiner], scoring: Sequence[tuple[list[packed.Joiner], Callable]] = ()):
         """One forward for a running batch's pending tokens (``feed``, ``positions`` [B, 1] on ``cache`` with ``mask``
         [B, S + 1]; B may be 0, with ``cache`` and ``mask`` None) and the prompts of ``joiners`` (`app.lm.packed`).
+
+        ``scoring``: texts scored in the same pass (`TransformersLM.score_prefixes`), each a list of joiners (a
+        cached prompt and the tokens fed after it) and a function that gets their fed tokens' hidden states [N, H],
+        called under the forward lock (the output layer and the log-probabilities are the scorer's own).
         Returns (the batch's cache, logits [B + len(joiners), V]: each row's next token, then each joiner's first)."""
         rows = feed.shape[0]
-        ids = torch.cat([feed.reshape(-1)] + [torch.tensor(j.ids[j.done:]) for j in joiners])[None]
-        pos = torch.cat([positions.reshape(-1)] + [torch.arange(j.done, len(j.ids)) for j in joiners])[None]
+        every = list(joiners) + [j for group, _ in scoring for j in group]
+        ids = torch.cat([feed.reshape(-1)] + [torch.tensor(j.ids[j.done:]) for j in every])[None]
+        pos = torch.cat([positions.reshape(-1)] + [torch.arange(j.done, len(j.ids)) for j in every])[None]
         keep, end = list(range(rows)), rows
         for j in joiners:
             end += j.fed
             keep.append(end - 1)
+        spans = []
+        for group, _ in scoring:
+            spans.append((end, end + sum(j.fed for j in group)))
+            end = spans[-1][1]
         with self.lock, torch.inference_mode():
             model, dev = self.model, self.device
-            for j in joiners:
+            for j in every:
                 j.cache = cast_cache(j.cache, model.dtype)
             masks = packed.batch_masks(model, cache, None if mask is None else mask.to(dev),
                                        None if cache is None else positions.to(dev))
             kernels = onednn(enabled=False) if ids.numel() <= self.native_tokens else contextlib.nullcontext()
             with kernels:
-                out = model(input_ids=ids.to(dev), cache=packed.PackedCache(cache, joiners, rows),
-                            attention_mask=masks, position_ids=pos.to(dev), use_cache=True,
-                            logits_to_keep=torch.tensor(keep, device=dev))
-        return cache, out.logits[0]
+                if not scoring:
+                    out = model(input_ids=ids.to(dev), cache=packed.PackedCache(cache, joiners, rows),
+                                attention_mask=masks, position_ids=pos.to(dev), use_cache=True,
+                                logits_to_keep=torch.tensor(keep, device=dev))
+                    return cache, out.logits[0]
+                hidden = model.get_decoder()(input_ids=ids.to(dev), cache=packed.PackedCache(cache, every, rows),
+                                             attention_mask=masks, position_ids=pos.to(dev),
+                                             use_cache=True).last_hidden_state[0]  # [T, H]
+                logits = _head(model, hidden[torch.tensor(keep, device=dev)]) if keep else None
+                for (_, score), (a, b) in zip(scoring, spans):
+                    score(hidden[a:b])
+        return cache, logits
 
     def checkpoint_at(self, ids: Sequence[int], done: int) -> int | None:
         """Where to keep a conversation checkpoint in ``ids`` (already encoded up to ``done``): just after the line
@@ -232,6 +249,16 @@ class ModelRunner:
             return None
         cut = breaks[-2] + 1
         return cut if cut - done >= CHECKPOINT_MIN_TOKENS else None
+
+
+def _head(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The causal LM's logits for hidden states [N, H], as its own forward computes them (the output layer, then
+    the final soft cap where the model has one)."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def _can_record(cache) -> bool:

@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from . import packed
 from .base import LMError, Sampling, fast_bf16
 from .decoding import ModelRunner, RowStream, bfloat16_decoder, choose, generator_for, is_greedy, left_pad
 from .lookup import lookup_decode
@@ -69,6 +70,9 @@ class TransformersLM:
         self.prefix_cache = PrefixCache(prefix_cache_entries, checkpoint_bytes=checkpoint_mb * 2**20)
         # the forward lock and prefill every loop shares
         self.runner = ModelRunner(self.model, self.prefix_cache, pack=pack_weights)
+        # Set by a `BatchScheduler` serving this model: runs a scoring pass inside the running batch's next step
+        # (returns False when no batch is running; the pass then runs alone). See `_score_packed`.
+        self.score_via = None
         self._line_breaks: dict[int, bool] = {}
         self.runner.line_break = self.line_break
         self.fast = None  # an attached single-stream fast path (`fast.FastPath`), set by `load_lm` on CUDA
@@ -353,10 +357,10 @@ class TransformersLM:
                 if len(fed) == 1:
                     sums = known
                 else:
-                    rest, cache = _score_stacked(self, starts, fed, low_precision)
+                    rest, caches = self._scoring_pass(starts, fed, low_precision, keep)
                     sums = known + rest
                     if keep:
-                        self._keep_scored(starts, cache, fed, cont, sums)
+                        self._keep_scored(starts, caches, fed, cont, sums)
                 for (i, _, _), v in zip(rows, sums.tolist()):
                     out[i] = v
             return out
@@ -376,21 +380,68 @@ class TransformersLM:
         n, _, last = hit.scored
         return hit if n <= len(cont) and cont[n - 1] == last else None
 
-    def _keep_scored(self, starts: list[CachedPrefix], cache, fed: list[int], cont: list[int],
+    def _scoring_pass(self, starts: list[CachedPrefix], fed: list[int], low_precision: bool, caches: bool):
+        """Sum of log P(fed[1:]) per row, feeding fed[:-1] after each start; returns the sums [B] and (``caches``)
+        each row's cache after the pass.
+
+        Where the model can run packed passes (`ModelRunner.can_pack`: Gemma 3 on the CPU, the embedded default), each
+        row is scored against its own cache inside a packed pass (`app.lm.packed`), and that pass is the serving
+        batch's next decode step when a batch is running (`score_via`, set by the `BatchScheduler`): the running
+        chats' tokens ride along instead of waiting for the scoring pass. A row attends to its own cache only, so
+        its scores are those it gets alone (on the embedded model: bit for bit, with or without a batch, in the runs
+        measured). Elsewhere the rows' caches are stacked, left-padded, into one batched pass (`_score_stacked`)."""
+        if self.runner.can_pack() and (not low_precision or self.model.dtype == torch.bfloat16):
+            return _score_packed(self, starts, fed, low_precision)
+        rest, cache = _score_stacked(self, starts, fed, low_precision)
+        return rest, (_rows_of(starts, cache, len(fed) - 1) if caches else None)
+
+    def _keep_scored(self, starts: list[CachedPrefix], caches: list, fed: list[int], cont: list[int],
                      sums: torch.Tensor) -> None:
-        """Store each row of a stacked scoring pass as a checkpoint of its own (its real slots, no padding)."""
-        L = len(fed) - 1
-        for row, start in enumerate(starts):
-            own = fork_cache(start.cache)
-            for layer, stacked, before in zip(own.layers, cache.layers, start.cache.layers):
-                n = min(stacked.keys.shape[-2], before.keys.shape[-2] + L)  # this row's real slots after the pass
-                layer.keys = stacked.keys[row : row + 1, :, -n:, :].clone()
-                layer.values = stacked.values[row : row + 1, :, -n:, :].clone()
-                if hasattr(layer, "cumulative_length"):
-                    layer.cumulative_length = len(start.ids) + L
+        """Store each row of a scoring pass (its cache after the pass) as a checkpoint of its own."""
+        for row, (start, own) in enumerate(zip(starts, caches)):
             ids = start.ids + tuple(fed[:-1])
             self.prefix_cache.put_checkpoint(
                 CachedPrefix(ids, own, None, scored=(len(cont), float(sums[row]), cont[-1])))
+
+
+def _rows_of(starts: list[CachedPrefix], cache, L: int) -> list:
+    """Each row of a stacked scoring pass's cache as a batch-1 cache of its own (its real slots, no padding)."""
+    out = []
+    for row, start in enumerate(starts):
+        own = fork_cache(start.cache)
+        for layer, stacked, before in zip(own.layers, cache.layers, start.cache.layers):
+            n = min(stacked.keys.shape[-2], before.keys.shape[-2] + L)  # this row's real slots after the pass
+            layer.keys = stacked.keys[row : row + 1, :, -n:, :].clone()
+            layer.values = stacked.values[row : row + 1, :, -n:, :].clone()
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = len(start.ids) + L
+        out.append(own)
+    return out
+
+
+def _score_packed(lm: "TransformersLM", starts: list[CachedPrefix], fed: list[int], low_precision: bool):
+    """`_score_stacked` with each row against its own cache in a packed pass (`ModelRunner.packed_step`): the
+    running batch's next step when the serving scheduler takes it (``lm.score_via``), else a pass of its own.
+    Returns the sums [B] and each row's cache after the pass (its prompt and ``fed[:-1]``)."""
+    joiners = [packed.Joiner(list(s.ids) + list(fed[:-1]), len(s.ids), s.fork()) for s in starts]
+    cfg = lm.model.config
+    head = lm.model.get_output_embeddings()
+    weight, bias, cap = head.weight, head.bias, getattr(cfg, "final_logit_softcapping", None)
+    if low_precision and weight.dtype != torch.bfloat16:
+        if getattr(lm, "_bf16_head", None) is None:
+            lm._bf16_head = weight.detach().to(torch.bfloat16)
+        weight, bias = lm._bf16_head, None if bias is None else bias.to(torch.bfloat16)
+    targets = torch.tensor(list(fed[1:]) * len(starts), device=lm.device)
+    out: list[torch.Tensor] = []
+
+    def score(hidden: torch.Tensor) -> None:  # [B * (len(fed) - 1), H], under the forward lock
+        out.append(_token_logprobs(lm, hidden.to(weight.dtype), targets, weight, bias, cap))
+
+    via = getattr(lm, "score_via", None)
+    if via is None or not via(joiners, score):
+        empty = torch.empty(0, 1, dtype=torch.long)
+        lm.runner.packed_step(empty, empty, None, None, [], scoring=[(joiners, score)])
+    return out[0].view(len(starts), -1).sum(1), [j.cache for j in joiners]
 
 
 def _score_stacked(lm: "TransformersLM", entries: list[CachedPrefix], cont: list[int], low_precision: bool):
