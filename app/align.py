@@ -453,40 +453,34 @@ class Aligner:
             first = cleaner.feed(answer_start)
             if first:
                 yield first
-        pieces = self.lm.generate(reply.prompt.text, stop=self.prompt.stop, max_new_tokens=max_new,
-                                  sampling=sampling, prefix=reply.prompt.prefix)
-        held: list[str] = []  # pieces not shown yet: the answer so far could still be the message repeated
-        watching = bool(echo)
+
+        def generate(sampling: Sampling):
+            return self.lm.generate(reply.prompt.text, stop=self.prompt.stop, max_new_tokens=max_new,
+                                    sampling=sampling, prefix=reply.prompt.prefix)
+
+        pieces = generate(sampling)
         try:
-            for piece in pieces:
-                out = cleaner.feed(piece)
-                reply.text = cleaner.text
-                if watching and out:
+            shown = self._pieces(pieces, cleaner, reply)
+            if echo:
+                held: list[str] = []  # not shown yet: the answer so far could still be the message repeated
+                for out in shown:
                     held.append(out)
                     seen = opening_echo(cleaner.text, echo)
                     if seen is None:
                         continue
-                    watching = False
                     if seen:
                         log.info("the answer opened by repeating the message; generating it again")
                         _close_stream(pieces)
-                        reply.echo_retried = True
-                        held, cleaner = [], ReplyCleaner(self.prompt.stop)
-                        reply.text = ""
-                        sampling = dataclasses.replace(sampling, not_first=(echo,))
-                        pieces = self.lm.generate(reply.prompt.text, stop=self.prompt.stop, max_new_tokens=max_new,
-                                                  sampling=sampling, prefix=reply.prompt.prefix)
-                        yield from self._pieces(pieces, cleaner, reply)
-                        break
-                    out, held = "".join(held), []
-                if out:
-                    yield out
-                if cleaner.stopped:
-                    break  # a backend that ignored the stop strings: nothing after the stop is wanted
+                        reply.echo_retried, reply.text, held = True, "", []
+                        cleaner = ReplyCleaner(self.prompt.stop)
+                        pieces = generate(dataclasses.replace(sampling, not_first=(echo,)))
+                        shown = self._pieces(pieces, cleaner, reply)
+                    break
+                if held:  # not an echo, or the stream ended while it was still the message's first words
+                    yield "".join(held)
+            yield from shown
         finally:
             _close_stream(pieces)  # stops the backend's decoding now, also when the caller stops reading
-        if held:  # the stream ended while the answer was still the message's first words: they are the answer
-            yield "".join(held)
         out = cleaner.finish()
         reply.text = cleaner.text
         reply.finish = self._finish_reason(cleaner, max_new, skip=len(answer_start))
@@ -495,13 +489,14 @@ class Aligner:
 
     @staticmethod
     def _pieces(pieces, cleaner: ReplyCleaner, reply: AlignedText) -> Iterator[str]:
+        """The cleaned text of ``pieces`` as it becomes safe to show, kept in ``reply.text``."""
         for piece in pieces:
             out = cleaner.feed(piece)
             reply.text = cleaner.text
             if out:
                 yield out
             if cleaner.stopped:
-                break
+                break  # a backend that ignored the stop strings: nothing after the stop is wanted
 
     def _stream_batch(self, replies: list[AlignedText], sampling: Sampling, max_new: int) -> Iterator[tuple[int, str]]:
         cleaners = [ReplyCleaner(self.prompt.stop) for _ in replies]

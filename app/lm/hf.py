@@ -424,13 +424,7 @@ def _score_packed(lm: "TransformersLM", starts: list[CachedPrefix], fed: list[in
     running batch's next step when the serving scheduler takes it (``lm.score_via``), else a pass of its own.
     Returns the sums [B] and each row's cache after the pass (its prompt and ``fed[:-1]``)."""
     joiners = [packed.Joiner(list(s.ids) + list(fed[:-1]), len(s.ids), s.fork()) for s in starts]
-    cfg = lm.model.config
-    head = lm.model.get_output_embeddings()
-    weight, bias, cap = head.weight, head.bias, getattr(cfg, "final_logit_softcapping", None)
-    if low_precision and weight.dtype != torch.bfloat16:
-        if getattr(lm, "_bf16_head", None) is None:
-            lm._bf16_head = weight.detach().to(torch.bfloat16)
-        weight, bias = lm._bf16_head, None if bias is None else bias.to(torch.bfloat16)
+    weight, bias, cap = _scoring_head(lm, low_precision)
     targets = torch.tensor(list(fed[1:]) * len(starts), device=lm.device)
     out: list[torch.Tensor] = []
 
@@ -485,12 +479,7 @@ def _score_stacked(lm: "TransformersLM", entries: list[CachedPrefix], cont: list
         masks[kind] = allowed.to(lm.device)
     mask = masks if len(masks) > 1 else next(iter(masks.values()))
     ids = torch.tensor([cont[:-1]] * B, device=lm.device)
-    head, cap = model.get_output_embeddings(), getattr(cfg, "final_logit_softcapping", None)
-    weight, bias = head.weight, head.bias
-    if low_precision:
-        if getattr(lm, "_bf16_head", None) is None:  # 2 bytes x vocab x hidden, made once
-            lm._bf16_head = weight.detach().to(torch.bfloat16)
-        weight, bias = lm._bf16_head, None if bias is None else bias.to(torch.bfloat16)
+    weight, bias, cap = _scoring_head(lm, low_precision)
     autocast = torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=low_precision)
     with lm.runner.lock, torch.inference_mode(), autocast:
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=q_pos.to(lm.device),
@@ -498,6 +487,18 @@ def _score_stacked(lm: "TransformersLM", entries: list[CachedPrefix], cont: list
         flat, targets = hidden.reshape(B * L, -1).to(weight.dtype), torch.tensor(cont[1:] * B, device=lm.device)
         out = _token_logprobs(lm, flat, targets, weight, bias, cap)
     return out.view(B, L).sum(1), cache
+
+
+def _scoring_head(lm: "TransformersLM", low_precision: bool):
+    """The output layer a scoring pass uses: (weight, bias, final soft cap); in bfloat16 when ``low_precision`` (a
+    copy kept on the LM, 2 bytes x vocab x hidden, made once; the weight itself in a bfloat16 model)."""
+    head = lm.model.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if low_precision:
+        if getattr(lm, "_bf16_head", None) is None:
+            lm._bf16_head = weight.detach().to(torch.bfloat16)
+        weight, bias = lm._bf16_head, None if bias is None else bias.to(torch.bfloat16)
+    return weight, bias, getattr(lm.model.config, "final_logit_softcapping", None)
 
 
 def _token_logprobs(lm, flat: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias, cap) -> torch.Tensor:
